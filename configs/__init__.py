@@ -1,0 +1,1 @@
+"""Run configs (YAML) bundled with mixtral-jax: model presets, run and bench configs."""

@@ -1,0 +1,128 @@
+"""The one checkpoint format, written by training and by conversion, read by inference.
+
+A checkpoint is a run directory:
+
+    RUN/config.yaml               the resolved run config; its `model:` section spells out every field
+    RUN/checkpoints/<step>/       one Orbax CheckpointManager step (written atomically)
+        params/                   the model parameters (nested dict of arrays, as `param_tree`)
+        opt_state/, train_state/  training only: optimizer state, step, RNG, data iterator
+
+A converted Hugging Face model is a run directory with one step (0) holding
+only `params`. Inference accepts the run directory, its checkpoints folder, or
+one step folder, and restores only `params`, onto whatever shardings it asks for.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig, from_section
+from mixtral_jax.configtools import UserError
+
+PARAMS = "params"
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"
+
+
+def param_tree(model: nnx.Module) -> dict[str, Any]:
+    """The model's parameters as a nested dict of arrays (the saved layout)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _latest_step(checkpoints: pathlib.Path) -> pathlib.Path:
+    steps = sorted((p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()),
+                   key=lambda p: int(p.name))
+    complete = [p for p in steps if (p / PARAMS).is_dir()]
+    if not complete:
+        raise UserError(f"{checkpoints}: no complete checkpoint step found")
+    return complete[-1]
+
+
+def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(run directory, step directory) for a run dir, its checkpoints/ folder, or one step folder.
+
+    The latest complete step is taken unless a step folder is named.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    if (path / CHECKPOINTS).is_dir():
+        return path, _latest_step(path / CHECKPOINTS)
+    if path.name == CHECKPOINTS:
+        return path.parent, _latest_step(path)
+    if (path / PARAMS).is_dir() and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, path
+    raise UserError(f"{path} is not a mixtral-jax checkpoint (expected a run directory with "
+                    f"{CHECKPOINTS}/, that folder, or one step folder inside it)")
+
+
+def read_run_config(run_dir: str | pathlib.Path) -> dict[str, Any]:
+    """The run directory's config.yaml as a dict."""
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {CONFIG_FILE} beside the checkpoints")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def read_model_config(path: str | pathlib.Path) -> MixtralConfig:
+    """The model config of the checkpoint at `path` (any form `resolve` accepts)."""
+    run_dir, _ = resolve(path)
+    return from_section(read_run_config(run_dir).get("model"))
+
+
+def write_run_config(run_dir: str | pathlib.Path, run_config: dict[str, Any]) -> None:
+    """Writes config.yaml (the model section is expanded to every field)."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_config = dict(run_config)
+    model = run_config.get("model")
+    if isinstance(model, MixtralConfig):
+        run_config["model"] = model.to_dict()
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
+
+
+def save_params(run_dir: str | pathlib.Path, model: nnx.Module, step: int = 0,
+                extra_config: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes a params-only checkpoint (e.g. a converted model) as a run directory; returns the step dir."""
+    run_dir = pathlib.Path(run_dir).absolute()
+    write_run_config(run_dir, {"model": model.config, **(extra_config or {})})
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(run_dir / CHECKPOINTS, options=options) as manager:
+        manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(param_tree(model))}))
+    return run_dir / CHECKPOINTS / str(step)
+
+
+def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
+    """Restores the parameters at `path` into `model` (abstract or concrete), keeping its shardings.
+
+    The target's shapes and dtypes decide what is read, so a checkpoint can
+    land on any mesh; a shape that disagrees with the config is an error.
+    """
+    _, step_dir = resolve(path)
+    state = nnx.state(model, nnx.Param)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                          state.to_pure_dict())
+    try:
+        restored = ocp.StandardCheckpointer().restore((step_dir / PARAMS).absolute(), target)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{step_dir}: parameters do not match the model config ({err})") from None
+    state.replace_by_pure_dict(restored)
+    nnx.update(model, state)
+    return model
+
+
+def load_checkpoint(path: str | pathlib.Path, **config_changes) -> nnx.Module:
+    """A model restored from a mixtral-jax checkpoint on the default device."""
+    from mixtral_jax.model import Mixtral
+
+    config = read_model_config(path)
+    if config_changes:
+        config = config.replace(**config_changes)
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    return restore_params(path, model)

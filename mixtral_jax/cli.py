@@ -1,0 +1,69 @@
+"""The `mixtral-jax` console script: one subcommand per module in `mixtral_jax.commands`.
+
+Only the chosen subcommand's module is imported, so `mixtral-jax --help`
+answers instantly. A `UserError` (or a config error) becomes one line on
+stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "pretrain or continue training a model from a run config",
+    "generate": "generate text from a checkpoint (a prompt, or --chat)",
+    "batch": "batch offline inference over a JSONL file of prompts",
+    "eval": "perplexity and per-document log-likelihoods over a text or JSONL file",
+    "convert": "convert between Hugging Face safetensors and mixtral-jax checkpoints",
+    "info": "parameter counts and FLOPs per token of a preset or checkpoint",
+    "plan": "compile a training step for a mesh ahead of time and report per-device memory",
+    "bench": "speed benchmarks that print JSON (moe, compile, train, decode)",
+    "tokenizer": "encode, decode, or train a SentencePiece tokenizer",
+}
+
+
+def _module(command: str):
+    return importlib.import_module(f"mixtral_jax.commands.{command}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only `command`'s subparser is filled in (imports stay lazy)."""
+    parser = argparse.ArgumentParser(prog="mixtral-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _module(name).add_arguments(subparser)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--config NAME_OR_PATH and trailing dotted key=value overrides."""
+    parser.add_argument("--config", default=default,
+                        help="YAML run config: a path, or a name from configs/ (e.g. tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.steps=3 mesh.expert=8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    from mixtral_jax.config import ConfigError
+    from mixtral_jax.configtools import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        return _module(args.command).run(args) or 0
+    except (UserError, ConfigError) as err:
+        print(f"mixtral-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixtral-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

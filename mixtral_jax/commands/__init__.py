@@ -1,0 +1,1 @@
+"""One module per `mixtral-jax` subcommand: `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,151 @@
+"""YAML run configs with dotted `key=value` overrides, read into typed dataclasses.
+
+Every section of a run config is a dataclass; `build` checks each key
+against its fields and each value against its annotation, so a typo or a
+wrong type is one clear error naming the dotted key, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import pathlib
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_DIR = importlib.resources.files("mixtral_jax.configs")  # the repo's configs/ folder
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits non-zero."""
+
+
+def find_config(name_or_path: str) -> pathlib.Path:
+    """A YAML path as given, or a name from the bundled configs/ ("tiny", "configs/tiny.yaml")."""
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.is_file():
+        return pathlib.Path(str(bundled))
+    known = ", ".join(sorted(p.name[:-5] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml")))
+    raise UserError(f"config {name_or_path!r} not found (bundled configs: {known})")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.steps=3", "mesh.expert=8"] -> {"train": {"steps": 3}, "mesh": {"expert": 8}}."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} sets a key inside a value")
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merges `update` into a copy of `base`."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(name_or_path: str | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The config file (or {} for None) with the overrides applied, as a plain dict."""
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = find_config(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a run config must be a mapping of sections")
+    return merge(data, parse_overrides(list(overrides)))
+
+
+def build(cls, data: dict[str, Any] | None, where: str = ""):
+    """Constructs dataclass `cls` from a dict, checking keys and value types recursively."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}." if where else ""
+        raise UserError(f"unknown key {name}{unknown[0]}; known keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{where or 'config'}: {err}") from None
+
+
+def _coerce(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0])
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise UserError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def to_dict(obj) -> Any:
+    """A dataclass tree as plain dicts/lists (for writing the resolved config.yaml)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj

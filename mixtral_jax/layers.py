@@ -1,0 +1,162 @@
+"""The dense building blocks: parameters with logical axis names, RMSNorm,
+rotary embeddings and grouped-query attention with an optional sliding window
+and key/value cache.
+
+Einsum letters used throughout the model:
+  B batch, T query length, S key length, D model dim, N query heads,
+  K kv heads, G query heads per kv head (N = K*G), H head dim,
+  E experts, F expert ffn dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+# Logical axis names carried by parameters; sharding/ maps them to mesh axes.
+EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, NORM, LAYERS = (
+    "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "expert", "norm", "layers")
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows stay NaN-free
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          stddev: float | None) -> nnx.Param:
+    """A parameter initialised N(0, stddev) (ones when stddev is None) with logical axes."""
+    if stddev is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    """Pins an activation's sharding by logical axis names, under the mesh and
+    logical rules set by `mixtral_jax.sharding`; a no-op without them."""
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spmd.apply_rules(axes, rules))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 and cast back (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (NORM,), param_dtype, None)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the rotate-half layout of Hugging Face checkpoints.
+
+    x: [B, T, heads, H]; positions: [B, T] int. Angles in float32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(NamedTuple):
+    """One layer's key/value cache (stacked over layers by the decoder's scan).
+
+    k, v: [B, S, K, H]; pos: [B, S] int32, the position held in each slot,
+    -1 for an empty slot. A rolling (sliding-window) cache has S = window and
+    stores position p in slot p % S; a full cache has S >= every position.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        """A cache with every slot empty."""
+        kv = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
+        return cls(kv, kv, jnp.full((batch, size), -1, jnp.int32))
+
+    def write(self, k, v, positions) -> KVCache:
+        """Stores new keys/values k, v: [B, T, K, H] at `positions` [B, T] (-1 = padding, skipped).
+
+        Of new tokens that land on the same slot of a rolling cache only the
+        latest is kept, so a prompt longer than the window prefills correctly.
+        """
+        size = self.pos.shape[1]
+        newest = jnp.max(positions, axis=1, keepdims=True)
+        keep = (positions >= 0) & (positions > newest - size)
+        slots = jnp.where(keep, positions % size, size)  # slot `size` is out of range: dropped
+        rows = jnp.arange(positions.shape[0])[:, None]
+        return KVCache(self.k.at[rows, slots].set(k.astype(self.k.dtype), mode="drop"),
+                       self.v.at[rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+                       self.pos.at[rows, slots].set(positions, mode="drop"))
+
+
+def attention_mask(q_pos, k_pos, sliding_window: int | None, q_segment=None, k_segment=None):
+    """Which keys each query sees: [B, T, S] bool.
+
+    Causal by position; keys with position < 0 are empty or padding; with a
+    sliding window W a query sees the W latest positions (itself included);
+    with segment ids, only its own packed document.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        mask &= q - k < sliding_window
+    if q_segment is not None:
+        mask &= q_segment[:, :, None] == k_segment[:, None, :]
+    return mask
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with rotary embeddings."""
+
+    def __init__(self, embed: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float, sliding_window: int | None, init_std: float,
+                 param_dtype, dtype, rngs: nnx.Rngs):
+        self.num_groups = num_heads // num_kv_heads
+        self.rope_theta = rope_theta
+        self.sliding_window = sliding_window
+        self.dtype = dtype
+        self.q = param(rngs, (embed, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM), param_dtype, init_std)
+        self.k = param(rngs, (embed, num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), param_dtype, init_std)
+        self.v = param(rngs, (embed, num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), param_dtype, init_std)
+        self.o = param(rngs, (num_heads, head_dim, embed), (HEADS, HEAD_DIM, EMBED), param_dtype, init_std)
+
+    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None):
+        """x: [B, T, D], positions: [B, T] -> ([B, T, D], the cache with these tokens added)."""
+        x = x.astype(self.dtype)
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(self.dtype))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(self.dtype))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(self.dtype))
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+
+        if cache is None:
+            mask = attention_mask(positions, positions, self.sliding_window, segment_ids, segment_ids)
+            keys, values = k, v
+        else:  # attend to the cached tokens and the new ones, then store the new ones
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            key_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            mask = attention_mask(positions, key_pos, self.sliding_window)
+            cache = cache.write(k, v, positions)
+
+        b, t, n, h = q.shape
+        q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32) * h ** -0.5
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
+        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(self.dtype)), cache

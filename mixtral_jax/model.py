@@ -1,0 +1,121 @@
+"""The Mixtral decoder: embedding, a scanned stack of (attention, MoE) layers,
+final norm and an untied LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, param
+from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balancing_loss, router_z_loss
+
+ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
+_REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    aux: MoEAux  # router statistics, each field stacked over layers: [L, ...]
+    cache: KVCache | None  # the cache with these tokens added, stacked over layers
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention then pre-norm sparse MoE, each with a residual."""
+
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtypes = dict(param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **dtypes)
+        self.attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_size,
+                              rope_theta=c.rope_theta, sliding_window=c.sliding_window,
+                              init_std=c.initializer_range, dtype=jnp.dtype(c.dtype), **dtypes)
+        self.moe_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **dtypes)
+        self.moe = MoE(c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok,
+                       init_std=c.initializer_range, dtype=jnp.dtype(c.dtype), **dtypes)
+
+    def __call__(self, x, positions, segment_ids, token_mask, cache, experts_fn):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+        x = x + attn_out.astype(x.dtype)
+        moe_out, aux = self.moe(self.moe_norm(x), experts_fn, token_mask)
+        return constrain(x + moe_out.astype(x.dtype), ACTIVATION), aux, cache
+
+
+class Mixtral(nnx.Module):
+    """The Mixtral causal language model. `model(tokens)` maps int32 [B, T] to float32 logits [B, T, V]."""
+
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdtype = jnp.dtype(config.param_dtype)
+        self.embed = param(rngs, (config.vocab_size, config.hidden_size), (VOCAB, EMBED), pdtype,
+                           config.initializer_range)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+        def make_layers(layer_rngs):
+            return DecoderLayer(config, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)  # every parameter stacked: [L, ...]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
+        self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), (EMBED, VOCAB), pdtype,
+                             config.initializer_range)
+
+    def __call__(self, tokens):
+        return self.forward(tokens).logits
+
+    def forward(self, tokens, positions=None, *, segment_ids=None, token_mask=None,
+                cache: KVCache | None = None, experts_fn: ExpertsFn | None = None) -> ModelOutput:
+        """The full forward pass.
+
+        tokens: [B, T] int32. positions: [B, T] (default 0..T-1; -1 marks left
+        padding). segment_ids: [B, T] packed-document ids (attention stays within
+        a document). token_mask: [B, T], 1 where a token counts in the router
+        statistics. cache: stacked KVCache [L, ...] to attend to and extend.
+        experts_fn: the expert compute path (default: the config's `moe_impl`;
+        `mixtral_jax.sharding` passes the expert-parallel one).
+        """
+        config = self.config
+        dtype = jnp.dtype(config.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if token_mask is None:
+            token_mask = (positions >= 0).astype(jnp.float32)
+        experts_fn = experts_fn or experts_fn_for(config.moe_impl)
+
+        x = constrain(self.embed[...].astype(dtype)[tokens], ACTIVATION)  # [B, T, D]
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer_step(x, scanned):
+            state, layer_cache = scanned
+            layer = nnx.merge(graphdef, state)
+            x, aux, layer_cache = layer(x, positions, segment_ids, token_mask, layer_cache, experts_fn)
+            return x, (aux, layer_cache)
+
+        if config.remat != "none":
+            layer_step = jax.checkpoint(layer_step, policy=_REMAT[config.remat], prevent_cse=False)
+        x, (aux, cache) = jax.lax.scan(layer_step, x, (layer_state, cache))
+        x = self.norm(x)
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype)).astype(jnp.float32)
+        return ModelOutput(logits, aux, cache)
+
+    def aux_loss(self, aux: MoEAux):
+        """router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss."""
+        config = self.config
+        loss = config.router_aux_loss_coef * load_balancing_loss(aux, config.aux_loss_style)
+        if config.router_z_loss_coef:
+            loss = loss + config.router_z_loss_coef * router_z_loss(aux)
+        return loss
+
+    def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
+        """An empty cache of `size` slots per row for every layer: [L, B, S, K, H]."""
+        c = self.config
+        one = KVCache.empty(batch, size, c.num_key_value_heads, c.head_size, dtype or jnp.dtype(c.dtype))
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (c.num_hidden_layers, *a.shape)), one)
+
+
+def init(config: MixtralConfig, seed: int = 0) -> Mixtral:
+    """A freshly initialised model (parameters N(0, initializer_range), norms 1)."""
+    return Mixtral(config, rngs=nnx.Rngs(seed))

@@ -1,0 +1,1 @@
+"""mixtral_jax.train"""
