@@ -1,0 +1,1 @@
+"""Speed benchmarks behind `mixtral-jax bench ...`; each prints one JSON object."""

@@ -1,0 +1,29 @@
+"""Timing helpers shared by the benchmarks: medians of repeated, synchronised runs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn, *args, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of `fn(*args)` (blocked until ready) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(size: int = 4096, dtype=jnp.float32, repeats: int = 5) -> float:
+    """The matmul rate JAX reaches here: a size x size x size product, FLOP/s (median)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    matmul = jax.jit(jnp.matmul)
+    return 2 * size**3 / median_seconds(matmul, a, b, repeats=repeats)

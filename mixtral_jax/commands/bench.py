@@ -1,0 +1,25 @@
+"""`mixtral-jax bench NAME`: speed benchmarks that print one JSON object each."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+BENCHES = {
+    "moe": ("mixtral_jax.benchmarks.moe", "fast MoE vs dense FFN of equal active FLOPs (+ expert-parallel)"),
+    "compile": ("mixtral_jax.benchmarks.compile", "compile time at 2 vs 32 scanned layers"),
+    "train": ("mixtral_jax.train.bench", "training tokens/s and MFU vs transformers"),
+    "decode": ("mixtral_jax.infer.bench", "prefill/decode tokens/s vs transformers generate"),
+}
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text,
+                                                                     description=help_text))
+
+
+def run(args):
+    result = importlib.import_module(BENCHES[args.bench][0]).run(args)
+    print(json.dumps(result, indent=2))
