@@ -1,0 +1,147 @@
+"""The model config and the decoder: validation, full-size shapes without memory, the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixtral_jax import ConfigError, Mixtral, MixtralConfig, init, preset
+from mixtral_jax.config import from_section
+
+
+# ---- config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_attention_heads=8, num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(num_experts_per_tok=9), "exceeds num_local_experts"),
+    (dict(hidden_size=0), "hidden_size must be a positive integer"),
+    (dict(vocab_size=-3), "vocab_size must be a positive integer"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(moe_impl="magic"), "moe_impl must be one of"),
+    (dict(hidden_size=66, num_attention_heads=4), "not divisible by num_attention_heads"),
+])
+def test_invalid_configs_fail_with_a_message_naming_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("tiny", **changes)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ConfigError, match="unknown model key.*hidden_sise"):
+        preset("tiny", hidden_sise=3)
+    with pytest.raises(ConfigError, match="unknown model key.*colour"):
+        from_section({"colour": "red"})
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        preset("mixtral-1x1b")
+
+
+def test_paper_parameter_counts():
+    c7 = preset("mixtral-8x7b")
+    assert c7.num_params == 46_702_792_704
+    assert c7.num_active_params == 12_879_925_248
+    c22 = preset("mixtral-8x22b")
+    assert round(c22.num_params / 1e9) == 141
+    assert round(c22.num_active_params / 1e9) == 39
+    assert c7.router_aux_loss_coef == 0.02 and c22.router_aux_loss_coef == 0.001
+
+
+def test_hf_config_round_trip_keeps_every_hf_field():
+    config = preset("tiny", sliding_window=7, head_dim=24)
+    hf = config.to_hf_config()
+    assert hf["model_type"] == "mixtral" and hf["head_dim"] == 24
+    assert "moe_impl" not in hf
+    assert MixtralConfig.from_hf_config(hf) == config.replace(tokenizer="mistral-v1")
+    with pytest.raises(ConfigError, match="not a Mixtral config"):
+        MixtralConfig.from_hf_config({**hf, "model_type": "llama"})
+
+
+def test_flops_per_token_counts_active_experts_only():
+    config = preset("mixtral-8x7b")
+    dense_weights = config.num_active_params - config.vocab_size * config.hidden_size
+    assert config.flops_per_token(1, training=False) == pytest.approx(2 * dense_weights, rel=1e-3)
+    assert config.flops_per_token(4096) == 3 * config.flops_per_token(4096, training=False)
+
+
+# ---- full-size presets, abstractly ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "mixtral-8x22b"])
+def test_full_presets_shapes_and_counts_without_memory(name):
+    config = preset(name)
+    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params
+    graphdef, state = nnx.split(model)
+    logits = jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t), state,
+                            jax.ShapeDtypeStruct((2, 16), jnp.int32))
+    assert logits.shape == (2, 16, config.vocab_size) and logits.dtype == jnp.float32
+    w_gate = model.layers.moe.w_gate
+    assert w_gate.shape == (config.num_hidden_layers, 8, config.hidden_size, config.intermediate_size)
+    assert w_gate.get_metadata()["out_sharding"] == ("layers", "expert", "embed", "mlp")
+
+
+# ---- forward pass ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model():
+    return init(preset("tiny", sliding_window=6), seed=1)
+
+
+def test_causal_future_tokens_do_not_change_past_logits(tiny_model):
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
+    changed = tokens.at[:, 8:].set((tokens[:, 8:] + 1) % 256)
+    a, b = tiny_model(tokens), tiny_model(changed)
+    np.testing.assert_array_equal(a[:, :8], b[:, :8])
+    assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_segment_ids_isolate_packed_documents(tiny_model):
+    tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 256)
+    positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2]])
+    packed = tiny_model.forward(tokens, positions, segment_ids=segments).logits
+    alone = tiny_model(tokens[:, 4:])
+    np.testing.assert_allclose(packed[:, 4:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_size", [6, 32])  # rolling (= window) and full
+def test_cached_decoding_equals_full_forward(tiny_model, cache_size):
+    tokens = jax.random.randint(jax.random.key(2), (2, 14), 0, 256)
+    full = tiny_model(tokens)
+    cache = tiny_model.init_cache(2, cache_size)
+    positions = jnp.broadcast_to(jnp.arange(14), (2, 14))
+    out = tiny_model.forward(tokens[:, :9], positions[:, :9], cache=cache)  # prefill longer than the window
+    np.testing.assert_allclose(out.logits, full[:, :9], atol=1e-5)
+    cache = out.cache
+    for t in range(9, 14):
+        out = tiny_model.forward(tokens[:, t:t + 1], positions[:, t:t + 1], cache=cache)
+        cache = out.cache
+        np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_left_padding_leaves_real_tokens_unchanged(tiny_model):
+    tokens = jax.random.randint(jax.random.key(3), (1, 7), 0, 256)
+    padded = jnp.concatenate([jnp.zeros((1, 3), tokens.dtype), tokens], axis=1)
+    positions = jnp.array([[-1, -1, -1, 0, 1, 2, 3, 4, 5, 6]])
+    out = tiny_model.forward(padded, positions)
+    np.testing.assert_allclose(out.logits[:, 3:], tiny_model(tokens), atol=1e-5)
+    assert float(out.aux.num_tokens[0]) == 7  # padding is left out of the router statistics
+
+
+def test_bfloat16_compute_with_float32_params():
+    model = init(preset("tiny", dtype="bfloat16"), seed=0)
+    assert model.layers.moe.w_up.dtype == jnp.float32
+    logits = model(jnp.ones((1, 5), jnp.int32))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    reference = init(preset("tiny"), seed=0)(jnp.ones((1, 5), jnp.int32))
+    np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+def test_remat_policies_give_the_same_gradients():
+    tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, 256)
+
+    def grads(remat):
+        graphdef, state = nnx.split(init(preset("tiny", remat=remat), seed=0))
+        loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
+        return jax.grad(loss)(state)
+
+    base = grads("none")  # recomputation may fuse differently: equal up to float32 rounding
+    for remat in ("full", "dots"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), base, grads(remat))
