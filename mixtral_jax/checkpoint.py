@@ -32,7 +32,7 @@ CONFIG_FILE = "config.yaml"
 
 def param_tree(model: nnx.Module) -> dict[str, Any]:
     """The model's parameters as a nested dict of arrays (the saved layout)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _latest_step(checkpoints: pathlib.Path) -> pathlib.Path:
@@ -107,12 +107,12 @@ def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
     _, step_dir = resolve(path)
     state = nnx.state(model, nnx.Param)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                          state.to_pure_dict())
+                          nnx.to_pure_dict(state))
     try:
         restored = ocp.StandardCheckpointer().restore((step_dir / PARAMS).absolute(), target)
     except (ValueError, KeyError) as err:
         raise UserError(f"{step_dir}: parameters do not match the model config ({err})") from None
-    state.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
 
