@@ -15,6 +15,10 @@ _EXPORTS = {
     "ModelOutput": "mixtral_jax.model",
     "init": "mixtral_jax.model",
     "Tokenizer": "mixtral_jax.tokenizer",
+    "load": "mixtral_jax.loading",
+    "from_params": "mixtral_jax.loading",
+    "generate": "mixtral_jax.infer",
+    "Completion": "mixtral_jax.infer",
 }
 
 __all__ = sorted(_EXPORTS)

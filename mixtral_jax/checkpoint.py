@@ -28,6 +28,7 @@ from mixtral_jax.configtools import UserError
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
+COMMITTED = "commit_success.txt"  # Orbax writes it last into a step folder: the step is complete
 
 
 def param_tree(model: nnx.Module) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def param_tree(model: nnx.Module) -> dict[str, Any]:
 def _latest_step(checkpoints: pathlib.Path) -> pathlib.Path:
     steps = sorted((p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()),
                    key=lambda p: int(p.name))
-    complete = [p for p in steps if (p / PARAMS).is_dir()]
+    complete = [p for p in steps if (p / PARAMS).is_dir() and (p / COMMITTED).is_file()]
     if not complete:
         raise UserError(f"{checkpoints}: no complete checkpoint step found")
     return complete[-1]

@@ -67,7 +67,8 @@ class Mixtral(nnx.Module):
         return self.forward(tokens).logits
 
     def forward(self, tokens, positions=None, *, segment_ids=None, token_mask=None,
-                cache: KVCache | None = None, experts_fn: ExpertsFn | None = None) -> ModelOutput:
+                cache: KVCache | None = None, experts_fn: ExpertsFn | None = None,
+                last_only: bool = False, unroll_layers: bool = False) -> ModelOutput:
         """The full forward pass.
 
         tokens: [B, T] int32. positions: [B, T] (default 0..T-1; -1 marks left
@@ -75,7 +76,10 @@ class Mixtral(nnx.Module):
         a document). token_mask: [B, T], 1 where a token counts in the router
         statistics. cache: stacked KVCache [L, ...] to attend to and extend.
         experts_fn: the expert compute path (default: the config's `moe_impl`;
-        `mixtral_jax.sharding` passes the expert-parallel one).
+        `mixtral_jax.sharding` passes the expert-parallel one). last_only: logits
+        of the last position only, [B, 1, V] (a prefill needs no more).
+        unroll_layers: the layer loop unrolled (static per-layer slices, which XLA
+        can forward from per-layer buffers: decoding on CPU copies no weights).
         """
         config = self.config
         dtype = jnp.dtype(config.dtype)
@@ -96,8 +100,8 @@ class Mixtral(nnx.Module):
 
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[config.remat], prevent_cse=False)
-        x, (aux, cache) = jax.lax.scan(layer_step, x, (layer_state, cache))
-        x = self.norm(x)
+        x, (aux, cache) = jax.lax.scan(layer_step, x, (layer_state, cache), unroll=unroll_layers)
+        x = self.norm(x[:, -1:] if last_only else x)
         logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype)).astype(jnp.float32)
         return ModelOutput(logits, aux, cache)
 

@@ -1,0 +1,203 @@
+"""Batch offline inference over a JSONL file, resumable, losing no row.
+
+Input: one JSON object per line with an `id` (string or integer) and either
+`prompt` (a string) or `messages` (a conversation), and optionally its own
+`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (other keys
+are ignored). Blank lines are skipped.
+
+Output: one JSON object per input line, in completion order:
+    {"id", "line", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
+or  {"id", "line", "error"} for a line that cannot run (bad JSON or UTF-8, a
+missing or mistyped field, a prompt longer than the context, a duplicate id:
+the first line with an id runs, later ones are errors). `line` is the 1-based
+input line; `id` is null when the line has none.
+
+Nothing is lost: error records are written first, then each batch's records
+in one write, flushed and fsynced. A job restarted with the same command
+reads the output, drops a torn last line, and skips the lines already there,
+so a killed job finishes with every line exactly once.
+
+Throughput: rows are sorted by prompt length into batches of `batch_size`;
+per-row sampling settings ride along as per-row arrays, so a batch mixes them.
+A row's random stream depends only on its seed (default: the job seed mixed
+with its id), not on its batch, so a restarted job samples the same text.
+
+Many hosts: process i of n takes the lines with (line - 1) % n == i and
+writes `OUTPUT.part-<i>-of-<n>`; each process runs its own model replica on
+its local devices (mesh.* sizes a per-process mesh). Concatenate the parts
+when all have finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import zlib
+from collections.abc import Iterator
+
+from mixtral_jax.configtools import UserError
+from mixtral_jax.infer.generate import Generator, Request
+
+SETTINGS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float),
+            "seed": int}
+
+
+@dataclasses.dataclass
+class Row:
+    """One input line that parsed: its request, or the error to record."""
+
+    line: int
+    id: str | int | None
+    request: Request | None = None
+    error: str | None = None
+
+
+def part_path(output: str | os.PathLike, process_index: int, process_count: int) -> pathlib.Path:
+    """The file this process writes: OUTPUT itself, or OUTPUT.part-<i>-of-<n> on many processes."""
+    output = pathlib.Path(output)
+    if process_count == 1:
+        return output
+    return output.with_name(f"{output.name}.part-{process_index}-of-{process_count}")
+
+
+def finished_lines(path: pathlib.Path) -> set[int]:
+    """Input lines already in the output; a torn last line (a killed write) is cut off the file."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    lines = set()
+    for number, raw in enumerate(data[:keep].splitlines(), 1):
+        try:
+            lines.add(int(json.loads(raw)["line"]))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{number}: not a record of this job; use another --output") from None
+    return lines
+
+
+def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator) -> Iterator[Row]:
+    """Every non-blank input line as a `Row` (duplicate ids become errors)."""
+    first_line: dict[str, int] = {}
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read input {path}: {err.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            row = _parse(raw, number, defaults, tokenizer, generator)
+            if row.id is not None:
+                key = json.dumps(row.id)
+                if key in first_line:
+                    row = Row(number, row.id, error=f"duplicate id (first on line {first_line[key]})")
+                else:
+                    first_line[key] = number
+            yield row
+
+
+def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -> Row:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Row(number, _id_of(raw.decode("utf-8", "replace")), error=f"invalid UTF-8 at byte {err.start}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Row(number, None, error=f"not valid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(obj, dict):
+        return Row(number, None, error="a row must be a JSON object")
+    row_id = obj.get("id")
+    if row_id is None:
+        return Row(number, None, error="missing id")
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+        return Row(number, None, error=f"id must be a string or an integer, got {row_id!r}")
+    try:
+        return Row(number, row_id, request=_request(obj, defaults, tokenizer, generator))
+    except UserError as err:
+        return Row(number, row_id, error=str(err))
+
+
+def _id_of(text: str):
+    try:
+        row_id = json.loads(text).get("id")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return row_id if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else None
+
+
+def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
+    if ("prompt" in obj) == ("messages" in obj):
+        raise UserError("a row needs exactly one of 'prompt' or 'messages'")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise UserError(f"prompt must be a string, got {type(obj['prompt']).__name__}")
+        ids = tokenizer.encode(obj["prompt"])
+    else:
+        if not hasattr(tokenizer, "encode_chat"):
+            raise UserError("this tokenizer has no chat format for 'messages'")
+        ids = tokenizer.encode_chat(obj["messages"])
+    settings = {}
+    for key, kind in SETTINGS.items():
+        value = obj.get(key, getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"{key} must be a number{' (integer)' if kind is int else ''}, got {value!r}")
+        settings[key] = value
+    if "seed" not in obj:  # the row's own stream: independent of batching and restarts
+        settings["seed"] = zlib.crc32(json.dumps([defaults.seed, obj["id"]]).encode())
+    stop = obj.get("stop", defaults.stop)
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise UserError("stop must be a non-empty string or a list of them")
+    request = Request(ids, stop=tuple(stop), **settings)
+    generator.check(request)
+    return request
+
+
+def run_job(generator: Generator, input_path, output_path, defaults, *, batch_size: int,
+            process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
+    """Runs (or finishes) a batch job; returns counts of what this run wrote."""
+    from tqdm import tqdm
+
+    out_path = part_path(output_path, process_index, process_count)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_lines(out_path)
+    rows = [r for r in read_rows(input_path, defaults, generator.tokenizer, generator)
+            if (r.line - 1) % process_count == process_index and r.line not in done]
+    errors = [r for r in rows if r.error is not None]
+    pending = sorted((r for r in rows if r.error is None), key=lambda r: len(r.request.prompt))
+    counts = {"output": str(out_path), "skipped": len(done), "errors": len(errors), "completed": 0,
+              "prompt_tokens": 0, "completion_tokens": 0}
+    with out_path.open("ab") as out:
+        _append(out, [{"id": r.id, "line": r.line, "error": r.error} for r in errors])
+        bar = tqdm(total=len(pending), unit="row", disable=not progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first:first + batch_size]
+            results = generator.run([r.request for r in batch])
+            _append(out, [{"id": r.id, "line": r.line, "text": c.text, "prompt_tokens": c.prompt_tokens,
+                           "completion_tokens": len(c.tokens), "finish_reason": c.finish_reason}
+                          for r, c in zip(batch, results)])
+            counts["completed"] += len(batch)
+            counts["prompt_tokens"] += sum(c.prompt_tokens for c in results)
+            counts["completion_tokens"] += sum(len(c.tokens) for c in results)
+            rate = counts["completion_tokens"] / (time.perf_counter() - start)
+            bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
+            bar.update(len(batch))
+        bar.close()
+    return counts
+
+
+def _append(out, records: list[dict]) -> None:
+    """Writes whole records at once and makes them durable before the job moves on."""
+    if not records:
+        return
+    out.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    out.flush()
+    os.fsync(out.fileno())

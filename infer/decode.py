@@ -1,0 +1,197 @@
+"""The two compiled programs of generation: prefill, and the decode loop.
+
+`prefill` runs the (left-padded) prompts through the model once, filling a
+preallocated KV cache, and samples each row's first new token. `decode` runs
+`jax.lax.while_loop` over single-token steps until every row is done or the
+loop counter reaches `until`; the caller may run it in segments (to stream
+text or check stop strings on the host between them) or in one call.
+
+Shapes are static per (batch B, prompt bucket T, new-token buffer N, sampler
+structure); everything else (max_new_tokens, temperatures, seeds, `until`)
+is traced, so a long job compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.layers import KVCache
+from mixtral_jax.moe import experts_fn_for, sorted_experts, swiglu
+
+
+class Rows(NamedTuple):
+    """Per-row constants of a generation batch."""
+
+    max_new: jax.Array  # [B] int32: new tokens allowed (0 for a padding row)
+    keys: jax.Array  # [B] PRNG keys; the t-th new token of a row uses fold_in(key, t)
+    eos_ids: jax.Array  # [E] int32: tokens that end a row
+
+
+class DecodeState(NamedTuple):
+    """The while_loop carry: everything that changes from one decode step to the next."""
+
+    tokens: jax.Array  # [B, N] int32: new tokens; row r's first length[r] are valid
+    length: jax.Array  # [B] int32: new tokens so far
+    done: jax.Array  # [B] bool: finished (EOS, max_new, or stopped by the host)
+    hit_eos: jax.Array  # [B] bool: finished on an EOS token
+    position: jax.Array  # [B] int32: position of the row's latest token
+    cache: KVCache  # [L, B, S, K, H]: keys/values of every token so far
+    steps: jax.Array  # [] int32: decode steps run (the loop counter)
+
+
+def cache_size(config, prompt_len: int, buffer: int) -> int:
+    """Cache slots for prompts of `prompt_len` plus `buffer` new tokens: a rolling
+    cache of the sliding window when that is smaller."""
+    size = prompt_len + buffer
+    return min(size, config.sliding_window) if config.sliding_window else size
+
+
+def inference_experts_fn(config, rows: int):
+    """The single-device expert path for `rows` tokens at a time.
+
+    On CPU (moe_impl auto or grouped) `blocked_ffn` with blocks of about twice
+    the rows an expert gets: decode reads each active expert's weights once,
+    without computing on hundreds of padding rows.
+    """
+    impl = config.moe_impl
+    if impl == "auto":
+        impl = "grouped" if jax.default_backend() == "cpu" else "ragged"
+    if impl != "grouped":
+        return experts_fn_for(impl)
+    per_expert = -(-2 * rows * config.num_experts_per_tok // config.num_local_experts)
+    return sorted_experts(functools.partial(blocked_ffn, block=min(256, 1 << (per_expert - 1).bit_length())))
+
+
+def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int):
+    """Forward-only grouped SwiGLU over expert-sorted rows (see `moe.sorted_experts`).
+
+    Like `_grouped.grouped_ffn`, each expert runs on blocks of its rows in a loop
+    with a dynamic trip count (none for an idle expert), a block spilling into
+    the next group's rows that the next expert then overwrites; unlike it, each
+    expert's weights are taken outside its loop, which XLA:CPU then reads in
+    place instead of copying every iteration.
+    x_sorted: [M, D]; group_sizes: [E]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [M, D].
+    """
+    rows = x_sorted.shape[0]
+    x = jnp.pad(x_sorted, ((0, block), (0, 0)))  # [M + R, D]
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    y = jnp.zeros_like(x)
+    for e in range(w_gate.shape[0]):
+        weights = w_gate[e], w_up[e], w_down[e]
+
+        def run_block(i, y, e=e, weights=weights):
+            first = starts[e] + i * block
+            y_block = swiglu(jax.lax.dynamic_slice_in_dim(x, first, block), *weights)  # [R, D]
+            return jax.lax.dynamic_update_slice_in_dim(y, y_block, first, axis=0)
+
+        y = jax.lax.fori_loop(0, (group_sizes[e] + block - 1) // block, run_block, y)
+    return y[:rows]
+
+
+def split_layers(params) -> dict:
+    """The parameters as a pure dict whose layer-stacked leaves [L, ...] are tuples of
+    per-layer arrays, and expert weights [L, E, ...] tuples of tuples per expert.
+
+    XLA:CPU copies a weight sliced out of a stacked array before each matmul;
+    separate buffers, re-stacked inside the program and sliced statically
+    (layers unrolled), are read in place. Costs a second copy of the weights.
+    """
+    def split(path, leaf):
+        names = [str(getattr(key, "key", key)) for key in path]
+        if names[0] != "layers":
+            return leaf
+        if names[-1] in ("w_gate", "w_up", "w_down"):
+            return tuple(tuple(layer) for layer in leaf)
+        return tuple(leaf)
+
+    return jax.tree_util.tree_map_with_path(split, nnx.to_pure_dict(params))
+
+
+def _merge(graphdef, params, split: bool):
+    """The model from its graphdef and (possibly split) parameters."""
+    if split:
+        params = jax.tree.map(lambda leaf: jnp.stack([jnp.stack(x) if isinstance(x, tuple) else x
+                                                      for x in leaf]),
+                              params, is_leaf=lambda leaf: isinstance(leaf, tuple))
+    return nnx.merge(graphdef, params)
+
+
+def _is_eos(tokens, eos_ids):
+    return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
+
+
+def _step_keys(rows: Rows, length):
+    return jax.vmap(jax.random.fold_in)(rows.keys, length)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_slots", "buffer", "experts_fn", "split"))
+def prefill(graphdef, params, tokens, positions, rows: Rows, sampler, *, cache_slots: int,
+            buffer: int, experts_fn=None, split: bool = False) -> DecodeState:
+    """Runs the prompts and samples the first new token of each row.
+
+    tokens, positions: [B, T] left-padded (position -1 on padding).
+    params: `nnx.split(model)[1]`, or `split_layers` of it with split=True.
+    """
+    model = _merge(graphdef, params, split)
+    batch = tokens.shape[0]
+    experts_fn = experts_fn or inference_experts_fn(model.config, tokens.size)
+    cache = model.init_cache(batch, cache_slots)
+    out = model.forward(tokens, positions, cache=cache, experts_fn=experts_fn, last_only=True,
+                        unroll_layers=split)
+    zero = jnp.zeros((batch,), jnp.int32)
+    first = sampler(out.logits[:, -1], _step_keys(rows, zero))  # [B]
+    live = rows.max_new > 0
+    hit_eos = live & _is_eos(first, rows.eos_ids)
+    return DecodeState(
+        tokens=jnp.zeros((batch, buffer), jnp.int32).at[:, 0].set(first),
+        length=live.astype(jnp.int32),
+        done=~live | hit_eos | (rows.max_new <= 1),
+        hit_eos=hit_eos,
+        position=positions[:, -1],
+        cache=out.cache,
+        steps=jnp.zeros((), jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "experts_fn", "split"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, rows: Rows, sampler, until, *,
+           experts_fn=None, split: bool = False) -> DecodeState:
+    """Decode steps until every row is done or `state.steps` reaches `until`.
+
+    A finished row still rides along (the batch is static) at position -1:
+    its token attends to nothing and is not written to the cache.
+    """
+    model = _merge(graphdef, params, split)
+    batch, buffer = state.tokens.shape
+    experts_fn = experts_fn or inference_experts_fn(model.config, batch)
+    rows_idx = jnp.arange(batch)
+
+    def running(s: DecodeState):
+        return (s.steps < until) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        last = s.tokens[rows_idx, jnp.maximum(s.length - 1, 0)]  # [B]
+        position = jnp.where(s.done, -1, s.position + 1)
+        out = model.forward(last[:, None], position[:, None], cache=s.cache, experts_fn=experts_fn,
+                            unroll_layers=split)
+        new = sampler(out.logits[:, 0], _step_keys(rows, s.length))  # [B]
+        live = ~s.done
+        slot = jnp.where(live, s.length, buffer)  # out of range for finished rows: dropped
+        length = s.length + live
+        hit_eos = s.hit_eos | (live & _is_eos(new, rows.eos_ids))
+        return DecodeState(
+            tokens=s.tokens.at[rows_idx, slot].set(new, mode="drop"),
+            length=length,
+            done=s.done | hit_eos | (length >= rows.max_new),
+            hit_eos=hit_eos,
+            position=jnp.where(live, position, s.position),
+            cache=out.cache,
+            steps=s.steps + 1,
+        )
+
+    return jax.lax.while_loop(running, step, state)

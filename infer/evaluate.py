@@ -1,0 +1,107 @@
+"""Perplexity and per-document log-likelihoods over a text or JSONL file.
+
+Documents are read as training reads them (`mixtral_jax.train.data`): a text
+file is one document, a JSONL file one per line (its `text` field). Each is
+scored framed as training sees it, `BOS ids... EOS`: every token after BOS is
+predicted once. A document longer than `seq_len` is cut into windows of
+`seq_len` predictions, each starting afresh (the window's first token is the
+previous window's last), so the numbers match a model trained at `seq_len`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.configtools import UserError
+from mixtral_jax.infer.generate import bucket
+
+
+def read_documents(path: str | pathlib.Path, text_field: str = "text") -> list[str]:
+    """The documents of a text file (one) or a JSONL file (one per non-blank line)."""
+    from mixtral_jax.train.data import _FORMAT_BY_SUFFIX, _read_jsonl
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} not found")
+    if _FORMAT_BY_SUFFIX.get(path.suffix.lower()) == "jsonl":
+        return _read_jsonl(path, text_field)
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def windows(tokens: list[int], seq_len: int) -> list[list[int]]:
+    """Cuts a framed document into windows of at most seq_len + 1 tokens sharing their edge token."""
+    return [tokens[start:start + seq_len + 1] for start in range(0, max(len(tokens) - 1, 1), seq_len)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "experts_fn"))
+def _window_nll(graphdef, params, tokens, lengths, experts_fn=None):
+    """Summed negative log-likelihood of each right-padded window: tokens [B, T+1], lengths [B] -> [B]."""
+    model = nnx.merge(graphdef, params)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    steps = jnp.arange(inputs.shape[1])[None, :]
+    predicted = steps < (lengths[:, None] - 1)  # [B, T]: real target positions
+    positions = jnp.where(predicted, steps, -1)
+    logits = model.forward(inputs, positions, experts_fn=experts_fn).logits  # [B, T, V]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(predicted, nll, 0.0), axis=-1)
+
+
+def score(model, documents: list[list[int]], *, seq_len: int, batch_size: int, mesh=None,
+          progress: bool = False) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) of each framed document (token ids incl. BOS and EOS)."""
+    from tqdm import tqdm
+
+    context = model.config.max_position_embeddings
+    if seq_len > context:
+        raise UserError(f"seq_len {seq_len} exceeds the model's context {context}")
+    graphdef, params = nnx.split(model)
+    experts_fn, multiple, scope = None, 1, contextlib.nullcontext()
+    if mesh is not None:
+        from mixtral_jax import sharding
+
+        experts_fn, multiple, scope = (sharding.experts_fn(mesh, model.config),
+                                       sharding.batch_devices(mesh), sharding.use_mesh(mesh))
+    pieces = [(doc, w) for doc, tokens in enumerate(documents) for w in windows(tokens, seq_len)]
+    pieces.sort(key=lambda piece: len(piece[1]))  # similar lengths share a batch
+    totals = [[0.0, 0] for _ in documents]
+    with scope:
+        for first in tqdm(range(0, len(pieces), batch_size), unit="batch", disable=not progress):
+            batch = pieces[first:first + batch_size]
+            rows = bucket(len(batch), 1)
+            rows += -rows % multiple
+            width = min(bucket(max(len(w) for _, w in batch) - 1, 16), seq_len) + 1
+            tokens = np.zeros((rows, width), np.int32)
+            lengths = np.zeros((rows,), np.int32)
+            for row, (_, w) in enumerate(batch):
+                tokens[row, :len(w)], lengths[row] = w, len(w)
+            nll = jax.device_get(_window_nll(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                             experts_fn=experts_fn))
+            for row, (doc, w) in enumerate(batch):
+                totals[doc][0] += float(nll[row])
+                totals[doc][1] += len(w) - 1
+    return [(nll, count) for nll, count in totals]
+
+
+def evaluate(model, tokenizer, path, *, seq_len: int, batch_size: int, text_field: str = "text",
+             mesh=None, progress: bool = False) -> tuple[dict, list[dict]]:
+    """(summary with the perplexity, one record per document) for the documents in `path`."""
+    texts = read_documents(path, text_field)
+    if not texts:
+        raise UserError(f"{path} holds no documents")
+    documents = tokenizer.encode_batch(texts, bos=True, eos=True)
+    results = score(model, documents, seq_len=seq_len, batch_size=batch_size, mesh=mesh, progress=progress)
+    records = [{"doc": i, "tokens": count, "log_likelihood": -nll,
+                "perplexity": math.exp(nll / count)} for i, (nll, count) in enumerate(results)]
+    total_nll, total = sum(nll for nll, _ in results), sum(count for _, count in results)
+    summary = {"documents": len(records), "tokens": total, "nll_per_token": total_nll / total,
+               "perplexity": math.exp(total_nll / total)}
+    return summary, records

@@ -1,0 +1,320 @@
+"""Generation from Python: prompts in, completions out.
+
+    results = generate(model, ["Once upon a time"], tokenizer, max_new_tokens=64, temperature=0.8)
+    results[0].text, results[0].tokens, results[0].finish_reason
+
+Prompts are left-padded into a batch whose sizes are bucketed to powers of
+two (batch rows, prompt length, new-token buffer), so a long job compiles a
+few programs. The decode loop is one `jax.lax.while_loop`; with stop strings
+or a streaming callback it runs in segments of `chunk` tokens, and between
+segments the host decodes the new tokens (`Tokenizer.stream`), streams them,
+and finds stop strings, marking those rows done on the device. The tokens of
+a stopped row end with the token that completed the stop string; its text
+ends just before the stop string. EOS tokens are kept in `.tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.configtools import UserError
+from mixtral_jax.infer import decode as programs
+from mixtral_jax.infer.sampling import make_sampler, row_keys
+
+MIN_PROMPT_BUCKET = 16
+MIN_BUFFER_BUCKET = 16
+DEFAULT_CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt (token ids) and its own settings."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Completion:
+    """The result for one prompt."""
+
+    tokens: list[int]  # the new token ids (an EOS that ended the row included)
+    text: str | None  # their text, when a tokenizer is known (stop string cut off)
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+
+
+class Batch(NamedTuple):
+    """A batch of requests as device inputs."""
+
+    tokens: jax.Array  # [B, T] int32, left-padded
+    positions: jax.Array  # [B, T] int32, -1 on padding
+    rows: programs.Rows
+    sampler: object  # a `sampling` strategy
+    buffer: int  # new-token slots N
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def prompt_ids(prompt, tokenizer) -> list[int]:
+    """Token ids of a prompt: a string, a conversation (list of role/content dicts) or ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise UserError("a text prompt needs a tokenizer (or pass token ids)")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        if tokenizer is None:
+            raise UserError("a conversation prompt needs a tokenizer")
+        return tokenizer.encode_chat(prompt)
+    if isinstance(prompt, (Sequence, np.ndarray)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
+    raise UserError(f"a prompt must be a string, a list of messages or a list of token ids, got {prompt!r:.80}")
+
+
+def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop: Sequence[str] = (), batch_size: int | None = None, mesh=None,
+             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Completions of `prompts` (strings, conversations, or token id lists), one per prompt.
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 are off. The same seed gives
+    the same text. `stop`: strings that end a row (needs a tokenizer).
+    `batch_size`: rows per compiled batch (default: all prompts at once).
+    `mesh`: a `mixtral_jax.sharding` mesh the model is sharded on.
+    `on_text(index, text)`: called with each prompt's new text as it is produced.
+    """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        raise UserError("`prompts` is a list of prompts: wrap a single prompt in a list")
+    requests = [Request(prompt_ids(p, tokenizer), max_new_tokens, temperature, top_k, top_p,
+                        seed + i, tuple(stop)) for i, p in enumerate(prompts)]
+    generator = Generator(model, tokenizer, mesh=mesh)
+    size = batch_size or max(len(requests), 1)
+    results = []
+    for start in range(0, len(requests), size):
+        callback = None if on_text is None else (lambda i, text, s=start: on_text(s + i, text))
+        results += generator.run(requests[start:start + size], on_text=callback)
+    return results
+
+
+class Generator:
+    """Runs batches of `Request`s through the prefill and decode programs of one model."""
+
+    def __init__(self, model, tokenizer=None, *, mesh=None, chunk: int = DEFAULT_CHUNK,
+                 eos_ids: Sequence[int] | None = None):
+        """`eos_ids`: tokens that end a row (default: the config's and the tokenizer's EOS).
+        `chunk`: decode steps between host checks when streaming or matching stop strings."""
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        # XLA:CPU copies weights sliced from stacked arrays: decode from per-layer buffers there
+        self.split = mesh is None and jax.default_backend() == "cpu"
+        if self.split:
+            self.params = programs.split_layers(self.params)
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.chunk = chunk
+        self.experts_fn = None
+        self.batch_multiple = 1
+        if mesh is not None:
+            from mixtral_jax import sharding
+
+            self.experts_fn = sharding.experts_fn(mesh, self.config)
+            self.batch_multiple = sharding.batch_devices(mesh)
+        if eos_ids is None:
+            eos_ids = {self.config.eos_token_id} | ({tokenizer.eos_id} if tokenizer is not None else set())
+        self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
+
+    def check(self, request: Request) -> None:
+        """UserError when a request cannot run (empty prompt, no room in the context, bad settings)."""
+        n, context = len(request.prompt), self.config.max_position_embeddings
+        if n == 0:
+            raise UserError("the prompt is empty")
+        if n >= context:
+            raise UserError(f"the prompt has {n} tokens; the model's context is {context}")
+        bad = next((t for t in request.prompt if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if request.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        if request.stop and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer")
+        try:
+            make_sampler(request.temperature, request.top_k, request.top_p)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    def run(self, requests: Sequence[Request],
+            on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Completions of one batch of requests (each checked first)."""
+        for request in requests:
+            self.check(request)
+        if not requests:
+            return []
+        batch = self.prepare(requests)
+        streams = _Streams(self.tokenizer, requests, on_text)
+        chunk = self.chunk if streams.active else batch.buffer
+        state = self.prefill(batch)
+        while True:
+            stopped = streams.update(state)
+            if stopped.any():
+                padded = np.pad(stopped, (0, batch.rows.max_new.shape[0] - len(requests)))
+                state = state._replace(done=state.done | jnp.asarray(padded))
+            if bool(jnp.all(state.done)):
+                break
+            state = self.decode(state, batch, state.steps + chunk)
+        return streams.completions(state)
+
+    def prepare(self, requests: Sequence[Request]) -> Batch:
+        """The padded device inputs of a batch of requests (sizes bucketed)."""
+        context = self.config.max_position_embeddings
+        max_new = [min(r.max_new_tokens, context - len(r.prompt)) for r in requests]
+        size = bucket(len(requests), 1)
+        size += -size % self.batch_multiple
+        prompt_len = bucket(max(len(r.prompt) for r in requests), MIN_PROMPT_BUCKET)
+        tokens = np.zeros((size, prompt_len), np.int32)
+        positions = np.full((size, prompt_len), -1, np.int32)
+        for row, request in enumerate(requests):  # left padding: every prompt ends at column T-1
+            n = len(request.prompt)
+            tokens[row, prompt_len - n:] = request.prompt
+            positions[row, prompt_len - n:] = np.arange(n)
+        pad_rows = size - len(requests)
+        rows = programs.Rows(
+            max_new=jnp.asarray(max_new + [0] * pad_rows, jnp.int32),
+            keys=row_keys([r.seed for r in requests] + [0] * pad_rows),
+            eos_ids=self.eos_ids)
+        settings = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(0.0, 0, 1.0)] * pad_rows
+        sampler = make_sampler(*np.asarray(settings).T, batch=size, vocab_size=self.config.vocab_size)
+        return Batch(jnp.asarray(tokens), jnp.asarray(positions), rows, sampler,
+                     bucket(max(max_new), MIN_BUFFER_BUCKET))
+
+    def prefill(self, batch: Batch) -> programs.DecodeState:
+        """Runs the prompts; the state holds each row's first new token."""
+        slots = programs.cache_size(self.config, batch.tokens.shape[1], batch.buffer)
+        with self._mesh_context():
+            return programs.prefill(self.graphdef, self.params, batch.tokens, batch.positions, batch.rows,
+                                    batch.sampler, cache_slots=slots, buffer=batch.buffer,
+                                    experts_fn=self.experts_fn, split=self.split)
+
+    def decode(self, state: programs.DecodeState, batch: Batch, until) -> programs.DecodeState:
+        """Decodes until every row is done or `until` steps have run (the state is donated)."""
+        with self._mesh_context():
+            return programs.decode(self.graphdef, self.params, state, batch.rows, batch.sampler, until,
+                                   experts_fn=self.experts_fn, split=self.split)
+
+    def _mesh_context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from mixtral_jax import sharding
+
+        return sharding.use_mesh(self.mesh)
+
+
+class _Streams:
+    """Host-side view of the rows between decode segments: streamed text and stop strings."""
+
+    def __init__(self, tokenizer, requests: Sequence[Request], on_text):
+        self.tokenizer = tokenizer
+        self.requests = requests
+        self.on_text = on_text
+        self.active = tokenizer is not None and (on_text is not None or any(r.stop for r in requests))
+        n = len(requests)
+        stream = getattr(tokenizer, "stream", None) or (lambda: _DiffStream(tokenizer))
+        self.decoders = [stream() for _ in range(n)] if self.active else []
+        self.text = [""] * n  # text pushed so far (the stop string, once found, cut off)
+        self.emitted = [0] * n  # characters of text passed to on_text
+        self.seen = [0] * n  # tokens pushed
+        self.stop_at = [None] * n  # tokens kept when a stop string ended the row
+        self.finished = [False] * n
+
+    def update(self, state: programs.DecodeState) -> np.ndarray:
+        """Pushes the new tokens of every row; returns [rows] bool: rows a stop string just ended."""
+        stopped = np.zeros(len(self.requests), bool)
+        if not self.active:
+            return stopped
+        tokens, length, done = jax.device_get((state.tokens, state.length, state.done))
+        for row, request in enumerate(self.requests):
+            if self.finished[row]:
+                continue
+            longest = max((len(s) for s in request.stop), default=0)
+            while self.stop_at[row] is None and self.seen[row] < length[row]:
+                start = max(len(self.text[row]) - longest + 1, 0)  # a stop ending in the new text
+                self.text[row] += self.decoders[row].push(int(tokens[row, self.seen[row]]))
+                self.seen[row] += 1
+                cut = _find_stop(self.text[row], request.stop, start)
+                if cut is not None:
+                    self.text[row], self.stop_at[row] = self.text[row][:cut], self.seen[row]
+                    stopped[row] = True
+            self.finished[row] = bool(done[row]) or self.stop_at[row] is not None
+            if self.finished[row] and self.stop_at[row] is None:
+                self.text[row] += self.decoders[row].flush()
+            self._emit(row, request.stop)
+        return stopped
+
+    def _emit(self, row: int, stop: tuple[str, ...]) -> None:
+        """Passes on new text, holding back what could be the start of a stop string."""
+        if self.on_text is None:
+            return
+        hold = 0 if self.finished[row] else max((len(s) - 1 for s in stop), default=0)
+        end = max(len(self.text[row]) - hold, self.emitted[row])
+        if end > self.emitted[row]:
+            self.on_text(row, self.text[row][self.emitted[row]:end])
+            self.emitted[row] = end
+
+    def completions(self, state: programs.DecodeState) -> list[Completion]:
+        """The finished rows as `Completion`s."""
+        tokens, length, hit_eos = jax.device_get((state.tokens, state.length, state.hit_eos))
+        out = []
+        for row, request in enumerate(self.requests):
+            stop_at = self.stop_at[row]
+            new = [int(t) for t in tokens[row, :stop_at if stop_at is not None else length[row]]]
+            if stop_at is not None:
+                reason = "stop"
+            else:
+                reason = "eos" if hit_eos[row] else "length"
+            if self.tokenizer is None:
+                text = None
+            else:
+                text = self.text[row] if self.active else self.tokenizer.decode(new)
+            out.append(Completion(new, text, reason, len(request.prompt)))
+        return out
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where the earliest stop string in `text[start:]` begins (an index into text), or None."""
+    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+class _DiffStream:
+    """Incremental text for tokenizers without a `stream()` (e.g. byte-level): decodes all ids
+    and passes on what is new, holding back a trailing incomplete character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        new, self.sent = text[self.sent:], max(self.sent, len(text))
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        new, self.sent = text[self.sent:], len(text)
+        return new

@@ -1,0 +1,37 @@
+"""`mixtral-jax batch`: generate for every row of a JSONL file, resumably.
+
+    mixtral-jax batch --checkpoint runs/demo --input prompts.jsonl --output results.jsonl temperature=0.7
+
+See `mixtral_jax.infer.batch` for the row formats, error records, resuming and many hosts.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser):
+    from mixtral_jax.infer import runtime
+
+    runtime.add_arguments(parser)
+    parser.add_argument("--input", required=True, help="JSONL rows with id and prompt or messages")
+    parser.add_argument("--output", required=True, help="JSONL results (appended; a rerun resumes)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args):
+    import jax
+
+    from mixtral_jax.infer import runtime
+    from mixtral_jax.infer.batch import run_job
+    from mixtral_jax.infer.generate import Generator
+
+    config = runtime.read_config(args)
+    mesh = runtime.setup(config, local_mesh=True)
+    model = runtime.load_model(args.checkpoint, mesh, **config.model)
+    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    generator = Generator(model, tokenizer, mesh=mesh)
+    summary = run_job(generator, args.input, args.output, config, batch_size=config.batch_size,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      progress=not args.no_progress)
+    print(json.dumps(summary))

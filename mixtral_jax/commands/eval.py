@@ -1,0 +1,34 @@
+"""`mixtral-jax eval`: perplexity over a text or JSONL file, and per-document log-likelihoods.
+
+    mixtral-jax eval --checkpoint runs/demo --data valid.jsonl --output scores.jsonl seq_len=1024
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser):
+    from mixtral_jax.infer import runtime
+
+    runtime.add_arguments(parser)
+    parser.add_argument("--data", required=True, help="a text file (one document) or JSONL (one per line)")
+    parser.add_argument("--text-field", default="text", help="the JSONL key holding the text")
+    parser.add_argument("--output", default=None, help="write one JSON record per document here")
+
+
+def run(args):
+    from mixtral_jax.infer import runtime
+    from mixtral_jax.infer.evaluate import evaluate
+
+    config = runtime.read_config(args)
+    mesh = runtime.setup(config)
+    model = runtime.load_model(args.checkpoint, mesh, **config.model)
+    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    summary, records = evaluate(model, tokenizer, args.data, seq_len=config.seq_len,
+                                batch_size=config.batch_size, text_field=args.text_field, mesh=mesh,
+                                progress=True)
+    if args.output:
+        with open(args.output, "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in records)
+    print(json.dumps(summary))

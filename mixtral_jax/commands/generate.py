@@ -1,0 +1,73 @@
+"""`mixtral-jax generate`: text from a checkpoint, streamed to the terminal.
+
+    mixtral-jax generate --checkpoint runs/demo --prompt "Once upon a time" max_new_tokens=64 temperature=0.8
+    mixtral-jax generate --checkpoint converted/8x7b-instruct --chat mesh.expert=8
+
+Text appears as it is produced: the decode loop runs in segments of a few
+tokens and the host prints each segment's text. In --chat every turn re-encodes
+the whole conversation in the instruct format (the cache is not kept between turns).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_arguments(parser):
+    from mixtral_jax.infer import runtime
+
+    runtime.add_arguments(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text")
+    what.add_argument("--chat", action="store_true", help="an interactive conversation (instruct models)")
+    parser.add_argument("--system", default=None, help="--chat: a system prompt")
+
+
+def run(args):
+    from mixtral_jax.infer import runtime
+    from mixtral_jax.infer.generate import Generator, Request
+
+    config = runtime.read_config(args)
+    mesh = runtime.setup(config)
+    model = runtime.load_model(args.checkpoint, mesh, **config.model)
+    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    generator = Generator(model, tokenizer, mesh=mesh, chunk=8)
+
+    def complete(ids) -> str:
+        request = Request(ids, config.max_new_tokens, config.temperature, config.top_k, config.top_p,
+                          config.seed, tuple(config.stop))
+        start = time.perf_counter()
+        (result,) = generator.run([request], on_text=lambda _, text: print(text, end="", flush=True))
+        seconds = time.perf_counter() - start
+        print(flush=True)
+        print(f"[{len(result.tokens)} tokens, {len(result.tokens) / seconds:.1f} tokens/s, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+        return result.text
+
+    if not args.chat:
+        complete(tokenizer.encode(args.prompt))
+        return 0
+    if not hasattr(tokenizer, "encode_chat"):
+        from mixtral_jax.configtools import UserError
+
+        raise UserError(f"tokenizer {config.tokenizer!r} has no chat format")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = complete(tokenizer.encode_chat(messages))
+        if reply.strip():
+            messages.append({"role": "assistant", "content": reply})
+        else:  # an empty answer cannot be a turn of the conversation
+            messages.pop()
+    return 0

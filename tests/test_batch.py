@@ -1,0 +1,123 @@
+"""Batch jobs: error records, duplicate ids, per-row settings, process shards, SIGKILL + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax.checkpoint import save_params
+from mixtral_jax.infer import runtime
+from mixtral_jax.infer.batch import finished_lines, part_path, run_job
+from mixtral_jax.infer.generate import Generator
+
+SETTINGS = runtime.InferenceConfig(max_new_tokens=6, tokenizer="bytes")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = mj.preset("tiny", vocab_size=259, tokenizer="bytes", moe_impl="reference",
+                       max_position_embeddings=128, initializer_range=0.2)
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    save_params(run_dir, mj.init(config, seed=0))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def generator(checkpoint):
+    model = runtime.load_model(str(checkpoint))
+    return Generator(model, runtime.load_tokenizer(model.config, "bytes"))
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+                              for line in lines))
+
+
+def read_records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+MIXED = [
+    {"id": "a", "prompt": "hello"},
+    b"{not json",
+    {"prompt": "no id"},
+    {"id": "b", "prompt": 5},
+    {"id": "c", "prompt": "x" * 200},  # longer than the 128-token context
+    b'{"id": "d", "prompt": "\xff\xfe"}',
+    {"id": "a", "prompt": "again"},
+    {"id": "e", "prompt": "hey", "temperature": 0.8, "top_k": 5, "max_new_tokens": 3},
+    {"id": "f", "prompt": "abc", "temperature": "hot"},
+    {"id": 7, "messages": [{"role": "user", "content": "hi"}]},  # the byte tokenizer has no chat format
+    {"id": "g", "prompt": "stop early", "stop": ["\n", "q"]},
+]
+
+
+def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(source, MIXED)
+    counts = run_job(generator, source, out, SETTINGS, batch_size=4, progress=False)
+    records = {r["line"]: r for r in read_records(out)}
+    assert sorted(records) == list(range(1, len(MIXED) + 1))
+    errors = {line: r["error"] for line, r in records.items() if "error" in r}
+    assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10}
+    for line, word in {2: "JSON", 3: "id", 4: "prompt", 5: "context", 6: "UTF-8", 7: "duplicate",
+                       9: "temperature", 10: "chat"}.items():
+        assert word in errors[line]
+    assert records[6]["id"] == "d" and records[2]["id"] is None
+    assert records[1]["finish_reason"] in ("eos", "length") and records[1]["completion_tokens"] <= 6
+    assert records[1]["prompt_tokens"] == 6  # bos + 5 bytes
+    assert records[8]["completion_tokens"] <= 3
+    assert records[11]["finish_reason"] in ("eos", "length", "stop")
+    assert (counts["completed"], counts["errors"]) == (3, 8)
+    assert run_job(generator, source, out, SETTINGS, batch_size=4, progress=False)["completed"] == 0
+
+
+def test_process_shards_cover_every_line_once(tmp_path, generator):
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": i, "prompt": "p" * (i % 7 + 1), "temperature": 0.8, "top_k": 5} for i in range(8)]
+    write_lines(source, rows)  # sampled like row "e" above: the same compiled programs
+    for index in range(2):
+        run_job(generator, source, tmp_path / "out.jsonl", SETTINGS, batch_size=4, process_index=index,
+                process_count=2, progress=False)
+    parts = [read_records(part_path(tmp_path / "out.jsonl", i, 2)) for i in range(2)]
+    assert sorted(r["id"] for r in parts[0] + parts[1]) == list(range(8))
+    assert {r["line"] % 2 for r in parts[1]} == {0}
+
+
+def test_torn_last_line_is_cut_and_redone(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": 1, "line": 1, "text": "x"}\n{"id": 2, "line": 2, "te')
+    assert finished_lines(out) == {1}
+    assert out.read_bytes().endswith(b'"x"}\n')
+
+
+def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # prompt lengths over several buckets: each new bucket compiles, so the kill lands mid-job
+    write_lines(source, [{"id": f"r{i}", "prompt": "z" * (3 * i + 1)} for i in range(40)])
+    command = [sys.executable, "-m", "mixtral_jax.cli", "batch", "--checkpoint", str(checkpoint),
+               "--input", str(source), "--output", str(out), "--no-progress", "batch_size=4",
+               "max_new_tokens=4", "tokenizer=bytes", f"compile_cache={tmp_path / 'xla'}"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 4:
+            break
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = out.read_bytes().count(b"\n")
+    assert 4 <= written < 40, f"kill missed the job ({written} rows written)"
+
+    finish = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    assert json.loads(finish.stdout.splitlines()[-1])["skipped"] == written
+    records = read_records(out)
+    assert sorted(r["line"] for r in records) == list(range(1, 41))
+    assert all(r["finish_reason"] in ("eos", "length") for r in records)

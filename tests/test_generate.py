@@ -1,0 +1,186 @@
+"""Generation: parity with transformers, sampling, stopping, bucketing, the rolling cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mixtral_jax as mj
+from mixtral_jax.infer import decode as programs
+from mixtral_jax.infer import sampling
+from mixtral_jax.infer.generate import Generator, Request, generate
+
+PROMPTS = [[1, 17, 33, 5], [1, 90, 12, 7, 7, 41, 3, 8, 60, 22, 11], [1, 4], [1, 50, 51, 52, 53, 54, 55]]
+
+
+@pytest.fixture(scope="module")
+def model():  # the reference MoE compiles fastest; parity runs the default path
+    return mj.init(mj.preset("tiny", initializer_range=0.2, moe_impl="reference"), seed=3)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: id i > 2 is one letter, 0-2 (pad, bos, eos) are silent."""
+
+    eos_id = 2
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids if i > 2)
+
+    def stream(self):
+        tokenizer = self
+
+        class Stream:
+            def push(self, token):
+                return tokenizer.decode([token])
+
+            def flush(self):
+                return ""
+
+        return Stream()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_greedy_matches_transformers(tmp_path, sliding_window):
+    torch = pytest.importorskip("torch")
+    from hf_utils import make_hf_model
+    from mixtral_jax.loading import load
+
+    hf_model, directory = make_hf_model(tmp_path, seed=1, sliding_window=sliding_window)
+    ours = load(directory)
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(3, 128, n - 1).tolist()] for n in (3, 9, 14)]
+    max_new = 14  # prompt + new tokens exceed the window: the rolling cache is exercised
+    results = generate(ours, prompts, max_new_tokens=max_new)
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                    do_sample=False, use_cache=True, pad_token_id=0)
+        expected = out[0, len(prompt):].tolist()
+        assert result.tokens == expected
+        assert result.finish_reason == ("eos" if expected[-1] == 2 else "length")
+
+
+def test_rolling_cache_matches_full_recompute():
+    config = mj.preset("tiny", sliding_window=4, initializer_range=0.2, moe_impl="reference")
+    model = mj.init(config, seed=0)
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray([[1, 9, 30, 4, 77, 12, 5, 200, 31, 8]])
+    full = model(tokens)  # [1, 10, V], sliding-window mask, no cache
+
+    @jax.jit
+    def step(params, tokens, positions, cache):
+        out = nnx.merge(graphdef, params).forward(tokens, positions, cache=cache)
+        return out.logits, out.cache
+
+    cache = model.init_cache(1, 4)  # rolling: 4 slots hold positions p % 4
+    logits, cache = step(params, tokens[:, :6], jnp.arange(6)[None], cache)  # prefill longer than the window
+    np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+    for p in range(6, 10):
+        logits, cache = step(params, tokens[:, p:p + 1], jnp.asarray([[p]]), cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, p], atol=1e-5)
+    assert sorted(np.asarray(cache.pos[0, 0]).tolist()) == [6, 7, 8, 9]
+
+
+def test_seed_gives_same_text_and_seeds_differ(model):
+    run = lambda seed: [r.tokens for r in generate(model, PROMPTS, max_new_tokens=12, temperature=1.0,
+                                                   top_k=50, top_p=0.95, seed=seed)]
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+    assert all(len(tokens) == 12 for tokens in first if 2 not in tokens)
+
+
+def test_rows_stop_independently_on_eos_stop_string_and_length(model):
+    tokenizer = CharTokenizer()
+    free = Generator(model, tokenizer, eos_ids=[255]).run([Request(p, 12) for p in PROMPTS])
+    free_tokens = [r.tokens for r in free]
+    assert [r.finish_reason for r in free] == ["length"] * 4 and 255 not in sum(free_tokens, [])
+
+    eos = free_tokens[1][4]  # row 1 ends on its 5th token
+    stop = free[0].text[3:5]  # row 0 ends when these letters appear
+    requests = [Request(PROMPTS[0], 12, stop=(stop,)), Request(PROMPTS[1], 12),
+                Request(PROMPTS[2], 12), Request(PROMPTS[3], 6)]
+    got = Generator(model, tokenizer, eos_ids=[eos], chunk=4).run(requests)
+
+    cut = next(j for j in range(13) if stop in tokenizer.decode(free_tokens[0][:j]))
+    assert (got[0].finish_reason, got[0].tokens) == ("stop", free_tokens[0][:cut])
+    assert got[0].text == free[0].text[:free[0].text.index(stop)]
+    for row, limit in ((1, 12), (2, 12), (3, 6)):
+        tokens = free_tokens[row][:limit]
+        if eos in tokens:
+            assert (got[row].finish_reason, got[row].tokens) == ("eos", tokens[:tokens.index(eos) + 1])
+        else:
+            assert (got[row].finish_reason, got[row].tokens) == ("length", tokens)
+    assert got[1].finish_reason == "eos" and len(got[1].tokens) <= 5
+
+
+def test_streamed_text_equals_final_text(model):
+    pieces = {}
+    results = generate(model, PROMPTS, CharTokenizer(), max_new_tokens=12,
+                       on_text=lambda i, text: pieces.setdefault(i, []).append(text))
+    assert ["".join(pieces[i]) for i in range(4)] == [r.text for r in results]
+    assert len(pieces[0]) > 1  # arrived in several segments
+
+
+def test_prompt_lengths_share_compiled_programs(model):
+    rng = np.random.default_rng(1)
+    prompts = lambda n: [[1, *rng.integers(3, 256, m - 1).tolist()] for m in (n, 2, 3, 4)]
+    counts = lambda: (programs.prefill._cache_size(), programs.decode._cache_size())
+    generate(model, prompts(3), max_new_tokens=12)  # compiles (or reuses) bucket 16
+    before = counts()
+    generate(model, prompts(17), max_new_tokens=12)
+    assert counts() == (before[0] + 1, before[1] + 1)  # bucket 32: one prefill, one decode loop
+    for n in (5, 9, 12, 16, 20, 25, 30, 32):
+        generate(model, prompts(n), max_new_tokens=12 - n % 3)
+    assert counts() == (before[0] + 1, before[1] + 1)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    probs = np.array([0.05, 0.5, 0.1, 0.2, 0.15], np.float32)
+    logits = jnp.log(jnp.asarray(np.tile(probs, (4, 1))))
+    kept = lambda f: np.isfinite(np.asarray(f.filter(logits)))
+    top_k = sampling.TopK(jnp.asarray([1, 2, 3, 0]), 4)
+    assert kept(top_k).tolist() == [[0, 1, 0, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 1], [1] * 5]
+    top_p = sampling.TopP(jnp.asarray([0.5, 0.6, 0.8, 1.0]))
+    assert kept(top_p).tolist() == [[0, 1, 0, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 1], [1] * 5]
+
+    # draws follow the renormalised distribution: top_p 0.8 keeps {0.5, 0.2, 0.15}
+    sampler = sampling.make_sampler(1.0, 0, 0.8, batch=20000)
+    draws = sampler(jnp.log(jnp.asarray(np.tile(probs, (20000, 1)))), sampling.row_keys(np.arange(20000)))
+    freq = np.bincount(np.asarray(draws), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [0, 0.5 / 0.85, 0, 0.2 / 0.85, 0.15 / 0.85], atol=0.015)
+
+
+def test_temperature_zero_is_greedy_per_row():
+    logits = jnp.asarray([[0.1, 3.0, 2.9], [0.1, 3.0, 2.9]])
+    sampler = sampling.make_sampler([0.0, 100.0], batch=2)
+    draws = np.stack([np.asarray(sampler(logits, sampling.row_keys([s, s]))) for s in range(200)])
+    assert (draws[:, 0] == 1).all()  # the greedy row never moves
+    assert len(set(draws[:, 1])) == 3  # the hot row visits every token
+    assert isinstance(sampling.make_sampler(0.0, 40, 0.9, batch=2), sampling.Greedy)
+
+
+def test_expert_parallel_mesh_generates_the_same_tokens(model):
+    from mixtral_jax import sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, expert=4))
+    sharded = sharding.init_model(model.config, mesh, seed=3)  # the same weights as `model`
+    expected = [r.tokens for r in generate(model, PROMPTS, max_new_tokens=12)]
+    assert [r.tokens for r in generate(sharded, PROMPTS, max_new_tokens=12, mesh=mesh)] == expected
+
+
+def test_generate_command_streams_text(tmp_path, capsys):
+    from mixtral_jax.checkpoint import save_params
+    from mixtral_jax.cli import main
+
+    config = mj.preset("tiny", vocab_size=259, tokenizer="bytes", moe_impl="reference")
+    save_params(tmp_path / "run", mj.init(config, seed=0))
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "hi", "tokenizer=bytes",
+            "compile_cache="]
+    assert main(args + ["max_new_tokens=5"]) == 0
+    captured = capsys.readouterr()
+    assert "finish: " in captured.err and captured.out.endswith("\n")
+    assert main(args + ["temperature=-1"]) == 2
+    assert main(args + ["max_new_tokens=lots"]) == 2

@@ -1,0 +1,184 @@
+"""The MoE block: the grouped CPU path against the all-experts reference, routing and the aux losses."""
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mixtral_jax
+from mixtral_jax import moe
+from mixtral_jax._grouped import grouped_ffn
+from mixtral_jax.benchmarks import compile as compile_bench
+from mixtral_jax.benchmarks import moe as moe_bench
+
+N, D, F, E = 45, 16, 24, 8  # M = 90 sorted rows: no multiple of the 8-, 64- or 256-row blocks
+
+
+def assert_close(actual, expected, rel):
+    """Largest difference within `rel` of the largest magnitude (elementwise rtol fails near zero)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    scale = np.max(np.abs(expected))
+    assert scale > 0
+    assert np.max(np.abs(actual - expected)) <= rel * scale, np.max(np.abs(actual - expected)) / scale
+
+
+def _inputs(seed=0, dtype=jnp.float32):
+    """(expert_idx [N, 2], (x, routing weights, w_gate, w_up, w_down)) of a random top-2 layer."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    weights, expert_idx = moe.route(jax.random.normal(keys[1], (N, E)), 2)
+    args = (jax.random.normal(keys[0], (N, D)), weights,
+            jax.random.normal(keys[2], (E, D, F)) * D ** -0.5,
+            jax.random.normal(keys[3], (E, D, F)) * D ** -0.5,
+            jax.random.normal(keys[4], (E, F, D)) * F ** -0.5)
+    return expert_idx, tuple(a.astype(dtype) for a in args)
+
+
+ROUTINGS = {  # name -> expert_idx [N, 2] from the random top-2 choice; a repeated expert counts twice
+    "random": lambda idx: idx,
+    "empty-groups": lambda idx: jnp.where(idx % 3 == 1, 6, idx % 3 * 3),  # experts 0, 3, 6 only
+    "all-to-first": lambda idx: jnp.zeros_like(idx),
+    "all-to-last": lambda idx: jnp.full_like(idx, E - 1),  # the last tail spills into the padding
+    "all-to-two": lambda idx: jnp.tile(jnp.array([[5, 2]], jnp.int32), (N, 1)),
+}
+BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
+    "small": (8, 3),  # every group has a head and a tail; tails spill into the next groups
+    "default": (256, 64),  # heads empty (every group is shorter than a block), one tail block > M
+}
+
+
+@functools.cache
+def _value_and_grads(impl, blocks=None):
+    """jit(value_and_grad) of a loss reaching x, the routing weights and every expert weight."""
+    experts_fn = (moe.reference_experts if impl == "reference" else moe.sorted_experts(
+        functools.partial(grouped_ffn, block_rows=blocks[0], tail_rows=blocks[1])))
+
+    def loss(x, weights, w_gate, w_up, w_down, expert_idx):
+        y, _ = experts_fn(x, expert_idx, weights, w_gate, w_up, w_down)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=range(5)))
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_grouped_equals_reference_values_and_gradients(routing, blocks):
+    expert_idx, args = _inputs()
+    expert_idx = ROUTINGS[routing](expert_idx)
+    value, grads = _value_and_grads("grouped", BLOCKS[blocks])(*args, expert_idx)
+    ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        assert_close(grad, ref, 1e-5)
+
+
+def test_grouped_kernel_runs_each_expert_on_exactly_its_rows():
+    _, (x, _, w_gate, w_up, w_down) = _inputs(1)
+    group_sizes = jnp.array([7, 0, 0, 20, 1, 0, 17, 0], jnp.int32)  # sums to N
+    y = jax.jit(functools.partial(grouped_ffn, block_rows=8, tail_rows=3))(x, group_sizes, w_gate,
+                                                                           w_up, w_down)
+    x, w_gate, w_up, w_down = (np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down))
+    bounds = np.cumsum([0, *group_sizes.tolist()])
+    for e in range(E):
+        rows = x[bounds[e]:bounds[e + 1]]
+        gate = rows @ w_gate[e]
+        expected = (gate / (1 + np.exp(-gate)) * (rows @ w_up[e])) @ w_down[e]
+        np.testing.assert_allclose(y[bounds[e]:bounds[e + 1]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_in_bfloat16():
+    expert_idx, args = _inputs(2, jnp.bfloat16)
+    value, grads = _value_and_grads("grouped", BLOCKS["small"])(*args, expert_idx)
+    ref_value, ref_grads = _value_and_grads("reference")(*(a.astype(jnp.float32) for a in args),
+                                                         expert_idx)  # same inputs, float32 math
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-2)
+    for grad, ref in zip(grads, ref_grads):
+        assert_close(grad, ref, 2e-2)  # bfloat16 keeps 8 significant bits
+
+
+def test_model_with_grouped_experts_equals_reference():
+    config = mixtral_jax.preset("tiny")
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, config.vocab_size)
+    results = []
+    for impl in ("grouped", "reference"):
+        graphdef, state = nnx.split(mixtral_jax.init(config.replace(moe_impl=impl), seed=3))
+
+        def loss(state):
+            model = nnx.merge(graphdef, state)
+            out = model.forward(tokens)
+            log_probs = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+            nll = -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
+            return nll + model.aux_loss(out.aux), out.logits
+
+        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
+    ((value, logits), grads), ((ref_value, ref_logits), ref_grads) = results
+    assert_close(logits, ref_logits, 1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert_close(grad, ref, 1e-5)
+
+
+# ---- routing and the auxiliary losses ------------------------------------------------------------
+def test_route_renormalises_over_the_top_k():
+    logits = jax.random.normal(jax.random.key(4), (32, E)) * 3
+    weights, expert_idx = moe.route(logits, 2)
+    assert expert_idx.dtype == jnp.int32
+    np.testing.assert_array_equal(expert_idx, jnp.argsort(-logits, axis=-1)[:, :2])
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    chosen = jnp.take_along_axis(logits, expert_idx, axis=-1)
+    np.testing.assert_allclose(weights, jax.nn.softmax(chosen, axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["pooled", "per_layer"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_load_balancing_loss_is_top_k_when_perfectly_balanced(style, top_k):
+    tokens = 4 * E
+    expert_idx = (jnp.arange(tokens)[:, None] + jnp.arange(top_k)) % E  # every expert equally often
+    stats = moe.router_stats(jnp.zeros((tokens, E)), expert_idx, jnp.ones(tokens), 0.0)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a, a]), stats)  # 3 layers
+    np.testing.assert_allclose(moe.load_balancing_loss(stacked, style), top_k, rtol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["pooled", "per_layer"])
+def test_load_balancing_loss_grows_when_one_expert_takes_everything(style):
+    logits = jnp.zeros((16, E)).at[:, 0].set(4.0)
+    weights, expert_idx = moe.route(logits, 2)
+    stats = jax.tree.map(lambda a: a[None], moe.router_stats(logits, expert_idx, jnp.ones(16), 0.0))
+    assert moe.load_balancing_loss(stats, style) > 2 * 2
+
+
+# ---- the benchmarks' JSON (tiny sizes: keys and sanity only, no speed) --------------------------
+def _bench(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_bench_moe_reports_every_documented_key():
+    report = _bench(moe_bench, ["--tokens", "64", "--dim", "16", "--ffn", "32", "--experts", "4",
+                                "--repeats", "1"])
+    for key in ("fast_seconds", "dense_active_seconds", "ratio_vs_dense_active", "reference_seconds",
+                "reference_ratio_vs_dense_active", "ragged_seconds", "ragged_ratio_vs_dense_active"):
+        assert report[key] > 0, key
+    assert report["ratio_vs_dense_active"] == report["fast_seconds"] / report["dense_active_seconds"]
+
+
+def test_compile_seconds_of_a_one_layer_model():
+    assert compile_bench.compile_seconds(mixtral_jax.preset("tiny", num_hidden_layers=1), 1, 8) > 0
+
+
+def test_bench_compile_reports_both_depths(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(compile_bench, "compile_seconds",  # one real compile is tested above
+                        lambda config, batch, seq_len: compiled.append(config.num_hidden_layers) or
+                        float(config.num_hidden_layers))
+    report = _bench(compile_bench, ["--preset", "tiny", "--layers", "2", "32", "--repeats", "2",
+                                    "moe_impl=reference"])
+    assert compiled == [2, 2, 32, 2, 32]  # a warm-up, then the depths alternate
+    assert report["layers"] == [2, 32] and report["seconds"] == [2.0, 32.0]
+    assert report["ratio"] == 16.0 and report["moe_impl"] == "reference"

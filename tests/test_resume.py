@@ -1,0 +1,94 @@
+"""Exact resumption: a run killed with SIGKILL, restarted, stopped with SIGTERM (which
+checkpoints), and restarted again logs the losses of an uninterrupted run, bit for bit;
+and continued training from another run's checkpoint."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from train_helpers import QUICK, use_compile_cache
+
+from mixtral_jax.train.config import load_run_config
+from mixtral_jax.train.main import PREEMPTED_EXIT_CODE, train
+from mixtral_jax.train.metrics import read_metrics
+
+RUN = [*QUICK, "train.steps=40", "checkpoint.every=5", "train.log_every=1"]
+TIMEOUT = 300  # seconds any one phase may take on a busy machine
+
+
+def launch(run_dir, env):
+    command = [sys.executable, "-m", "mixtral_jax.cli", "train", "--config", "tiny", f"run_dir={run_dir}", *RUN]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, what: str):
+    """Polls until condition() holds while `process` still runs."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before {what}:\n{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def saved_steps(run_dir) -> list[int]:
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def logged_steps(run_dir) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] or [0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run, in this process: its run directory."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    use_compile_cache()
+    train(load_run_config("tiny", [f"run_dir={run_dir}", *RUN]))
+    return run_dir
+
+
+def test_killed_and_preempted_run_resumes_exactly(tmp_path, reference):
+    env = {**os.environ, **use_compile_cache(), "PYTHONUNBUFFERED": "1"}
+    expected = {r["step"]: r["loss"] for r in read_metrics(reference / "metrics.jsonl")}
+    assert sorted(expected) == list(range(1, 41))
+
+    run_dir = tmp_path / "run"
+    first = launch(run_dir, env)  # SIGKILL as soon as the first checkpoint is complete
+    wait_for(lambda: saved_steps(run_dir), first, "the first checkpoint")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = saved_steps(run_dir)[-1]
+    assert killed_at < 40
+
+    launched = time.time()
+    second = launch(run_dir, env)  # SIGTERM once it has trained past the checkpoint
+    metrics = run_dir / "metrics.jsonl"  # the killed run logged past its checkpoint: wait for new lines
+    wait_for(lambda: metrics.stat().st_mtime > launched and max(logged_steps(run_dir)) > killed_at,
+             second, "a step after the restart")
+    second.send_signal(signal.SIGTERM)
+    _, stderr = second.communicate(timeout=TIMEOUT)
+    assert second.returncode == PREEMPTED_EXIT_CODE, stderr
+    stopped_at = int(re.search(r"step (\d+) is saved", stderr).group(1))
+    assert killed_at < stopped_at < 40 and saved_steps(run_dir)[-1] == stopped_at
+
+    assert train(load_run_config("tiny", [f"run_dir={run_dir}", *RUN]))["step"] == 40  # to the end, here
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert resumed == expected  # every step once, each loss bit for bit
+
+
+def test_init_from_a_run_starts_from_its_parameters_and_optimizer(tmp_path, reference):
+    run = load_run_config("tiny", [f"run_dir={tmp_path / 'continued'}", f"init_from={reference}",
+                                   "train.reset_optimizer=false", *RUN])
+    assert run.model_config == load_run_config("tiny", RUN).model_config
+    train(run)
+    first_losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")][:3]
+    continued = [r["loss"] for r in read_metrics(tmp_path / "continued" / "metrics.jsonl")][:3]
+    assert max(continued) < min(first_losses) - 0.5  # the same batches, on trained weights

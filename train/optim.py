@@ -1,0 +1,51 @@
+"""The optimizer: AdamW with warm-up then cosine / linear / constant learning rate,
+global-norm clipping, and weight decay on every weight except the RMSNorm scales."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from mixtral_jax.train.config import TrainConfig
+
+
+def learning_rate(train: TrainConfig) -> optax.Schedule:
+    """Learning rate by optimizer step: linear warm-up from 0, then the named decay to
+    lr * min_lr_ratio at the last step (constant: stays at lr)."""
+    decay_steps = max(train.steps - train.warmup, 1)
+    final = train.lr * train.min_lr_ratio
+    if train.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(train.lr, decay_steps, alpha=train.min_lr_ratio)
+    elif train.schedule == "linear":
+        decay = optax.linear_schedule(train.lr, final, decay_steps)
+    else:
+        decay = optax.constant_schedule(train.lr)
+    if train.warmup == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, train.lr, train.warmup)
+    return optax.join_schedules([warmup, decay], [train.warmup])
+
+
+def decay_mask(params) -> dict:
+    """True for the parameters weight decay applies to: all but the RMSNorm scales
+    (`.../attn_norm/weight`, `.../moe_norm/weight`, `norm/weight`). Mixtral has no biases.
+    `params` is the nested dict of `checkpoint.param_tree`."""
+
+    def decayed(path, _):
+        module = path[-2].key if len(path) > 1 else ""
+        return not str(module).endswith("norm")
+
+    return jax.tree.map_with_path(decayed, params)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm (when train.clip > 0), then AdamW with the learning-rate schedule.
+
+    Moments have the parameters' dtype: float32 master weights (the default
+    `param_dtype`) give a float32 optimizer state whatever the compute dtype.
+    """
+    adamw = optax.adamw(learning_rate(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                        weight_decay=train.weight_decay, mask=decay_mask)
+    if train.clip == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(train.clip), adamw)
