@@ -63,7 +63,7 @@ def run(args):
 
     from mixtral_jax import sharding
     from mixtral_jax.config import from_section
-    from mixtral_jax.sharding.plan import plan
+    from mixtral_jax.train.plan import plan
     from mixtral_jax.train.config import TrainConfig
 
     config = from_section({"preset": args.preset, **overrides.get("model", {})})

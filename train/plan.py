@@ -18,9 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.sharding.experts import experts_fn
+from mixtral_jax.sharding import experts_fn
 from mixtral_jax.sharding.mesh import batch_sharding, cache_sharding, check_divisible, use_mesh
 from mixtral_jax.sharding.params import abstract_model
+from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
 GIB = 2**30
 ACCELERATORS = {"tpu-v5e": 16 * GIB, "h100": 80 * GIB, "tpu-v5p": 95 * GIB}  # HBM per chip
@@ -48,7 +49,6 @@ def _compiled_figures(compiled, parts: dict[str, int]) -> dict:
 
 def plan_training(config: MixtralConfig, mesh: Mesh, train_cfg) -> dict:
     """Per-device bytes of one training step (`mixtral_jax.train.step`, AdamW) on `mesh`."""
-    from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
 
     check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
     optimizer = make_optimizer(train_cfg)

@@ -1,0 +1,34 @@
+"""Every bundled run config parses into a valid RunConfig and model config."""
+
+import importlib.resources
+
+import pytest
+
+from mixtral_jax.configtools import UserError, parse_overrides
+from mixtral_jax.train.config import load_run_config
+
+BUNDLED = sorted(p.name[:-5] for p in importlib.resources.files("mixtral_jax.configs").iterdir()
+                 if p.name.endswith(".yaml"))
+
+
+def test_the_bundled_configs_are_found():
+    assert {"default", "tiny", "bench-tiny", "bench-small"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_bundled_config_parses(name):
+    run = load_run_config(name)
+    assert run.model_config.num_params > 0
+    assert run.train.steps > 0 and run.train.batch_size > 0
+
+
+def test_dotted_overrides_reach_the_sections():
+    run = load_run_config("tiny", ["train.steps=3", "mesh.expert=8", "model.num_hidden_layers=3"])
+    assert run.train.steps == 3 and run.mesh.expert == 8
+    assert run.model_config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("item", ["train.steps", "=3", "train..steps=3"])
+def test_malformed_overrides_are_one_clear_error(item):
+    with pytest.raises(UserError, match="dotted.key=value"):
+        parse_overrides([item])
