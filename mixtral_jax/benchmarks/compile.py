@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import from_section
-from mixtral_jax.configtools import parse_overrides
+from mixtral_jax.configtools import UserError, parse_overrides
 from mixtral_jax.model import init
 
 
@@ -25,8 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--preset", default="bench-tiny", help="model preset name")
     parser.add_argument("--layers", type=int, nargs=2, default=(2, 32), metavar=("FEW", "MANY"),
                         help="the two depths to compare")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="compiles per depth (median)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="model field overrides, e.g. moe_impl=reference")
@@ -56,6 +56,10 @@ def run(args) -> dict:
     one-off costs); the depths alternate so that a change in machine load
     falls on both.
     """
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--repeats", args.repeats),
+                        ("--layers", min(args.layers))):
+        if value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}")
     model = {"preset": args.preset, **parse_overrides(args.overrides)}
     configs = [from_section({**model, "num_hidden_layers": n}) for n in args.layers]
     compile_seconds(configs[0], args.batch, args.seq_len)

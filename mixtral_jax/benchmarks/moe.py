@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax import moe
@@ -30,18 +31,28 @@ def add_arguments(parser):
     parser.add_argument("--ffn", type=int, default=1792, help="expert ffn dim (F)")
     parser.add_argument("--experts", type=int, default=8, help="experts (E)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (k)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="parameter and compute dtype (the router stays float32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--expert-parallel", type=int, default=8, metavar="DEVICES",
+                        help="also time the expert-parallel layer on this many simulated devices "
+                             "(mesh expert=DEVICES, in a subprocess; 0 skips)")
+
+
+def _normal(rng: np.random.Generator, shape, std: float, dtype):
+    # NumPy rather than jax.random: no XLA program to compile for each weight shape.
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * std, dtype)
 
 
 def moe_case(tokens: int, dim: int, ffn: int, experts: int, top_k: int, dtype="float32", seed: int = 0):
-    """The benchmark's inputs: (graphdef, state) of an `moe.MoE` layer and x [1, N, D]."""
+    """The benchmark's inputs: (graphdef, state) of an `moe.MoE` layer with random weights, x [1, N, D]."""
     dtype = jnp.dtype(dtype)
-    layer = moe.MoE(dim, ffn, experts, top_k, init_std=dim ** -0.5, param_dtype=dtype, dtype=dtype,
-                    rngs=nnx.Rngs(seed))
-    x = jax.random.normal(jax.random.key(seed + 1), (1, tokens, dim), dtype)
-    graphdef, state = nnx.split(layer)
-    return graphdef, state, x
+    layer = nnx.eval_shape(lambda: moe.MoE(dim, ffn, experts, top_k, init_std=1.0, param_dtype=dtype,
+                                           dtype=dtype, rngs=nnx.Rngs(seed)))
+    graphdef, shapes = nnx.split(layer)
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda a: _normal(rng, a.shape, a.shape[-2] ** -0.5, dtype), shapes)
+    return graphdef, state, _normal(rng, (1, tokens, dim), 1.0, dtype)
 
 
 def time_moe(experts_fn: moe.ExpertsFn, graphdef, state, x, repeats: int) -> float:
@@ -56,9 +67,8 @@ def time_moe(experts_fn: moe.ExpertsFn, graphdef, state, x, repeats: int) -> flo
 
 def time_dense(dim: int, ffn: int, x, repeats: int, seed: int = 0) -> float:
     """Median seconds of forward + backward of one SwiGLU FFN of width `ffn`."""
-    keys = jax.random.split(jax.random.key(seed), 3)
-    shapes = ((dim, ffn), (dim, ffn), (ffn, dim))  # w_gate, w_up, w_down
-    weights = [jax.random.normal(key, shape, x.dtype) * shape[0] ** -0.5 for key, shape in zip(keys, shapes)]
+    rng = np.random.default_rng(seed)
+    weights = [_normal(rng, shape, shape[0] ** -0.5, x.dtype) for shape in ((dim, ffn), (dim, ffn), (ffn, dim))]
 
     def loss(weights, x):
         y = moe.swiglu(x.reshape(-1, dim), *weights)
@@ -80,7 +90,7 @@ def run(args) -> dict:
     dense = time_dense(args.dim, args.top_k * args.ffn, x, args.repeats)
     seconds = {impl: time_moe(moe.experts_fn_for(impl), graphdef, state, x, args.repeats)
                for impl in IMPLS}
-    return {
+    report = {
         "tokens": args.tokens, "dim": args.dim, "ffn": args.ffn, "experts": args.experts,
         "top_k": args.top_k, "dtype": args.dtype, "backend": jax.default_backend(),
         "dense_active_seconds": dense,
@@ -91,3 +101,10 @@ def run(args) -> dict:
         "ragged_seconds": seconds["ragged"],
         "ragged_ratio_vs_dense_active": seconds["ragged"] / dense,
     }
+    if args.expert_parallel:
+        from mixtral_jax.sharding.bench import expert_parallel_case
+
+        report["expert_parallel"] = expert_parallel_case(
+            args.tokens, args.dim, args.ffn, args.experts, args.top_k, args.dtype, args.repeats,
+            expert=args.expert_parallel)
+    return report
