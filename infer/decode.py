@@ -98,8 +98,10 @@ def split_layers(params) -> dict:
     per-layer arrays, and expert weights [L, E, ...] tuples of tuples per expert.
 
     XLA:CPU copies a weight sliced out of a stacked array before each matmul;
-    separate buffers, re-stacked inside the program and sliced statically
-    (layers unrolled), are read in place. Costs a second copy of the weights.
+    separate buffers, re-stacked and sliced statically (layers unrolled) in
+    the same computation, are read in place. (Re-stacked outside a loop, the
+    stack enters the loop whole and every step copies its slices: `decode`
+    merges inside its loop body.) Costs a second copy of the weights.
     """
     def split(path, leaf):
         names = [str(getattr(key, "key", key)) for key in path]
@@ -115,8 +117,8 @@ def split_layers(params) -> dict:
 def _merge(graphdef, params, split: bool):
     """The model from its graphdef and (possibly split) parameters."""
     if split:
-        params = jax.tree.map(lambda leaf: jnp.stack([jnp.stack(x) if isinstance(x, tuple) else x
-                                                      for x in leaf]),
+        restack = lambda leaf: jnp.stack([jnp.stack(x) if isinstance(x, tuple) else x for x in leaf])
+        params = jax.tree.map(lambda leaf: restack(leaf) if isinstance(leaf, tuple) else leaf,
                               params, is_leaf=lambda leaf: isinstance(leaf, tuple))
     return nnx.merge(graphdef, params)
 
@@ -166,15 +168,16 @@ def decode(graphdef, params, state: DecodeState, rows: Rows, sampler, until, *,
     A finished row still rides along (the batch is static) at position -1:
     its token attends to nothing and is not written to the cache.
     """
-    model = _merge(graphdef, params, split)
+    config = _merge(graphdef, params, split).config
     batch, buffer = state.tokens.shape
-    experts_fn = experts_fn or inference_experts_fn(model.config, batch)
+    experts_fn = experts_fn or inference_experts_fn(config, batch)
     rows_idx = jnp.arange(batch)
 
     def running(s: DecodeState):
         return (s.steps < until) & ~jnp.all(s.done)
 
     def step(s: DecodeState) -> DecodeState:
+        model = _merge(graphdef, params, split)  # inside the loop: XLA then slices the split buffers in place
         last = s.tokens[rows_idx, jnp.maximum(s.length - 1, 0)]  # [B]
         position = jnp.where(s.done, -1, s.position + 1)
         out = model.forward(last[:, None], position[:, None], cache=s.cache, experts_fn=experts_fn,

@@ -1,16 +1,22 @@
 """Grouped SwiGLU over expert-sorted rows for CPU: cost follows the active experts.
 
 `jax.lax.ragged_dot` on XLA:CPU computes every group densely (E/k times the
-useful work). Here each expert's group of rows runs as ordinary matmuls on
-fixed-size blocks, in loops with dynamic trip counts, so only blocks that
-hold rows run. A group's head is whole R-row blocks; its tail (fewer than R
-rows) is covered by r-row blocks, whose last one may run past the group's
-end. Those spilled rows are overwritten later by the experts they belong to
-(see `_passes`), so at most r - 1 rows per expert are wasted work. The
-backward pass walks the same blocks with the spilled rows masked out; it is
-written by hand (`jax.custom_vjp`) because a loop with a dynamic trip count
-is not reverse-differentiable. The gate and up pre-activations are saved for
-it (measured: cheaper than recomputing them).
+useful work). Here a loop over the experts takes each expert's weights once
+(XLA:CPU copies a slice of a stacked weight before a matmul reads it, so the
+copy is paid per expert, not per block) and runs its group of rows as
+ordinary matmuls on fixed-size blocks, in inner loops with dynamic trip
+counts, so only blocks that hold rows run. A group's head is whole R-row
+blocks; its tail (fewer than R rows) is covered by r-row blocks, whose last
+one may run past the group's end into the next groups' rows, which are
+written later, when their experts' turns come. So at most r - 1 rows per
+expert are wasted work. The gate and up projections run as one matmul
+against the expert's [D, 2F] concatenation.
+
+The backward pass walks the same blocks with the spilled rows masked out and
+sums each expert's weight gradients in the loop's carry, storing them once
+per expert. It is written by hand (`jax.custom_vjp`) because a loop with a
+dynamic trip count is not reverse-differentiable. The gate and up
+pre-activations are saved for it (measured: cheaper than recomputing them).
 
 Letters: M sorted rows (tokens x top-k), D model dim, F expert ffn dim,
 E experts, R rows per head block, r rows per tail block.
@@ -27,43 +33,30 @@ BLOCK_ROWS = 256  # rows per block of a group's head (R); see `mixtral-jax bench
 TAIL_ROWS = 64  # rows per block of a group's tail (r < R): bounds the wasted rows per expert
 
 
-def _passes(group_sizes, num_rows: int, block_rows: int, tail_rows: int):
-    """The two passes over every group, in the order they must run.
+def _for_each_expert(group_sizes, num_rows: int, block_rows: int, tail_rows: int, expert_body, carry):
+    """carry = expert_body(e, run_blocks, carry) for e = 0 .. E - 1, in order.
 
-    Each group splits into a head of whole R-row blocks and a tail shorter
-    than R covered by r-row blocks. Tails run first: a tail's last block may
-    spill past its group's end, into rows that a later tail or any head then
-    overwrites. Heads never spill. Returns (first row [E], rows [E], block rows) per pass.
+    run_blocks(block_body, carry) runs carry = block_body(block, first_row,
+    group_end, carry) over expert e's head blocks, then its tail blocks.
     """
     starts = jnp.cumsum(group_sizes) - group_sizes  # [E] first row of each group
-    if block_rows > num_rows:  # no group fills a head block
-        return ((starts, group_sizes, tail_rows),)
-    head = group_sizes // block_rows * block_rows  # [E]
-    return ((starts + head, group_sizes - head, tail_rows), (starts, head, block_rows))
 
+    def expert_step(e, carry):
+        start, size = starts[e], group_sizes[e]
+        head = size // block_rows * block_rows
 
-def _for_each_block(group_sizes, num_rows: int, block_rows: int, tail_rows: int, body, carry):
-    """carry = body(block, expert, first_row, region_end, carry) for every block, in a safe order."""
-    for starts, sizes, block in _passes(group_sizes, num_rows, block_rows, tail_rows):
-        carry = _run_pass(starts, sizes, block, body, carry)
-    return carry
+        def run_blocks(block_body, carry):
+            passes = [(start + head, size - head, tail_rows)]
+            if block_rows <= num_rows:  # else no group fills a head block
+                passes.insert(0, (start, head, block_rows))
+            for first, rows, block in passes:
+                step = lambda b, c, first=first, block=block: block_body(block, first + b * block, start + size, c)
+                carry = jax.lax.fori_loop(0, (rows + block - 1) // block, step, carry)
+            return carry
 
+        return expert_body(e, run_blocks, carry)
 
-def _run_pass(starts, sizes, block: int, body, carry):
-    """One loop over the blocks covering rows [starts[e], starts[e] + sizes[e]) of every expert e.
-
-    Its trip count is the number of blocks that hold rows; block b belongs
-    to the first expert whose blocks end after b.
-    """
-    counts = (sizes + block - 1) // block  # [E] blocks per expert
-    block_ends = jnp.cumsum(counts)  # [E]
-
-    def step(b, carry):
-        expert = jnp.sum(block_ends <= b)
-        first = starts[expert] + (b - block_ends[expert] + counts[expert]) * block
-        return body(block, expert, first, starts[expert] + sizes[expert], carry)
-
-    return jax.lax.fori_loop(0, block_ends[-1], step, carry)
+    return jax.lax.fori_loop(0, group_sizes.shape[0], expert_step, carry)
 
 
 def _expert(w, e):
@@ -79,22 +72,28 @@ def _put(a, rows, first):
 
 
 def _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows):
-    """y [M, D] and the pre-activations gate, up [M + r, F] (padded for the last tail's spill)."""
-    m, d = x_sorted.shape
+    """y [M, D] and the gate and up pre-activations side by side, [M + r, 2F] (padded for
+    the last tail's spill)."""
+    m, _ = x_sorted.shape
+    f = w_gate.shape[-1]
     x = jnp.pad(x_sorted, ((0, tail_rows), (0, 0)))  # [M + r, D]
-    rows_ffn = (m + tail_rows, w_gate.shape[-1])
 
-    def body(block, e, first, end, carry):
-        y, gate, up = carry
-        xb = _rows(x, first, block)  # [block, D]
-        gb, ub = xb @ _expert(w_gate, e), xb @ _expert(w_up, e)  # [block, F]
-        yb = (jax.nn.silu(gb) * ub) @ _expert(w_down, e)  # [block, D]
-        return _put(y, yb, first), _put(gate, gb, first), _put(up, ub, first)
+    def expert_body(e, run_blocks, carry):
+        w_gate_up = jnp.concatenate([_expert(w_gate, e), _expert(w_up, e)], axis=-1)  # [D, 2F]
+        w_down_e = _expert(w_down, e)  # [F, D]
 
-    init = (jnp.zeros_like(x), jnp.zeros(rows_ffn, x.dtype), jnp.zeros(rows_ffn, x.dtype))
-    y, gate, up = _for_each_block(group_sizes, m, block_rows, tail_rows, body, init)
+        def block_body(block, first, end, carry):
+            y, gate_up = carry
+            gub = _rows(x, first, block) @ w_gate_up  # [block, 2F]
+            yb = (jax.nn.silu(gub[:, :f]) * gub[:, f:]) @ w_down_e  # [block, D]
+            return _put(y, yb, first), _put(gate_up, gub, first)
+
+        return run_blocks(block_body, carry)
+
+    init = (jnp.zeros_like(x), jnp.zeros((m + tail_rows, 2 * f), x.dtype))
+    y, gate_up = _for_each_expert(group_sizes, m, block_rows, tail_rows, expert_body, init)
     grouped = jnp.arange(m) < jnp.sum(group_sizes)  # [M]: rows past the last group stay 0
-    return jnp.where(grouped[:, None], y[:m], 0), (gate, up)
+    return jnp.where(grouped[:, None], y[:m], 0), gate_up
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -103,44 +102,51 @@ def _grouped(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)
 
 
 def _grouped_fwd(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows):
-    y, (gate, up) = _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)
-    return y, (x_sorted, group_sizes, w_gate, w_up, w_down, gate, up)
+    y, gate_up = _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)
+    return y, (x_sorted, group_sizes, w_gate, w_up, w_down, gate_up)
 
 
 def _grouped_bwd(block_rows, tail_rows, residuals, dy):
-    x_sorted, group_sizes, w_gate, w_up, w_down, gate, up = residuals
-    m = x_sorted.shape[0]
+    x_sorted, group_sizes, w_gate, w_up, w_down, gate_up = residuals
+    m, d = x_sorted.shape
+    f = w_gate.shape[-1]
     x = jnp.pad(x_sorted, ((0, tail_rows), (0, 0)))  # [M + r, D]
     dy = jnp.pad(dy, ((0, tail_rows), (0, 0)))
     acc = jnp.float32  # weight gradients sum over many blocks
 
-    def body(block, e, first, end, carry):
-        dx, dw_gate, dw_up, dw_down = carry
-        in_region = (first + jnp.arange(block)) < end  # [block]: rows this block owns
-        xb = _rows(x, first, block)
-        dyb = jnp.where(in_region[:, None], _rows(dy, first, block), 0)  # [block, D]
-        gb, ub = _rows(gate, first, block), _rows(up, first, block)  # [block, F]
-        sig = jax.nn.sigmoid(gb)
-        act = gb * sig  # silu(gate)
-        dh = dyb @ _expert(w_down, e).T  # [block, F]
-        dgate = dh * ub * (sig * (1 + gb * (1 - sig)))
-        dup = dh * act
-        dxb = dgate @ _expert(w_gate, e).T + dup @ _expert(w_up, e).T  # [block, D]
-        add = lambda w, a, b: jax.lax.dynamic_update_index_in_dim(
-            w, _expert(w, e) + jnp.matmul(a.T, b, preferred_element_type=acc), e, axis=0)
-        return (_put(dx, dxb, first), add(dw_gate, xb, dgate), add(dw_up, xb, dup),
-                add(dw_down, act * ub, dyb))
+    def expert_body(e, run_blocks, carry):
+        dx, dw_gate_up, dw_down = carry
+        # [2F, D], made a real array: a transposed operand slows XLA:CPU's matmul ~2x here
+        w_gate_up_t = jax.lax.optimization_barrier(
+            jnp.concatenate([_expert(w_gate, e), _expert(w_up, e)], axis=-1).T)
+        w_down_e = _expert(w_down, e)  # [F, D]
 
-    init = (jnp.zeros_like(x), jnp.zeros(w_gate.shape, acc), jnp.zeros(w_up.shape, acc),
-            jnp.zeros(w_down.shape, acc))
-    dx, dw_gate, dw_up, dw_down = _for_each_block(group_sizes, m, block_rows, tail_rows, body, init)
-    return (dx[:m], None, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
+        def block_body(block, first, end, carry):
+            dx, dw_gu, dw_dn = carry
+            in_region = (first + jnp.arange(block)) < end  # [block]: rows this group owns
+            xb = _rows(x, first, block)
+            dyb = jnp.where(in_region[:, None], _rows(dy, first, block), 0)  # [block, D]
+            gub = _rows(gate_up, first, block)
+            gb, ub = gub[:, :f], gub[:, f:]  # [block, F]
+            sig = jax.nn.sigmoid(gb)
+            act = gb * sig  # silu(gate)
+            dh = dyb @ w_down_e.T  # [block, F]
+            dgu = jnp.concatenate([dh * ub * (sig * (1 + gb * (1 - sig))), dh * act], axis=-1)  # [block, 2F]
+            grad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=acc)
+            return _put(dx, dgu @ w_gate_up_t, first), dw_gu + grad(xb, dgu), dw_dn + grad(act * ub, dyb)
+
+        zeros = (jnp.zeros((d, 2 * f), acc), jnp.zeros((f, d), acc))
+        dx, dw_gu, dw_dn = run_blocks(block_body, (dx, *zeros))
+        put = lambda w, g: jax.lax.dynamic_update_index_in_dim(w, g, e, axis=0)
+        return dx, put(dw_gate_up, dw_gu), put(dw_down, dw_dn)
+
+    init = (jnp.zeros_like(x), jnp.zeros((w_gate.shape[0], d, 2 * f), acc), jnp.zeros(w_down.shape, acc))
+    dx, dw_gate_up, dw_down = _for_each_expert(group_sizes, m, block_rows, tail_rows, expert_body, init)
+    return (dx[:m], None, dw_gate_up[..., :f].astype(w_gate.dtype), dw_gate_up[..., f:].astype(w_up.dtype),
             dw_down.astype(w_down.dtype))
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
-
-
 def grouped_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block_rows: int = BLOCK_ROWS,
                 tail_rows: int = TAIL_ROWS):
     """SwiGLU of expert e on the group_sizes[e] rows that follow the groups before it.

@@ -105,12 +105,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
         config = nnx.merge(graphdef, state.params).config
         objective, stats, grads, num_loss_tokens = accumulate(state.params, batch)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(state.step + 1, keep(params, state.params),
-                               keep(opt_state, state.opt_state), state.rng)
+
+        def update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a branch, not a select: the update runs in place, and only when it is kept
+        params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state)
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
         metrics = {
             "loss": stats.nll_sum / num_loss_tokens,
             "aux_loss": moe.load_balancing_loss(stats.aux, config.aux_loss_style),
