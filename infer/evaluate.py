@@ -21,18 +21,17 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.configtools import UserError
+from mixtral_jax.documents import file_format, read_jsonl
 from mixtral_jax.infer.generate import bucket
 
 
 def read_documents(path: str | pathlib.Path, text_field: str = "text") -> list[str]:
     """The documents of a text file (one) or a JSONL file (one per non-blank line)."""
-    from mixtral_jax.train.data import _FORMAT_BY_SUFFIX, _read_jsonl
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} not found")
-    if _FORMAT_BY_SUFFIX.get(path.suffix.lower()) == "jsonl":
-        return _read_jsonl(path, text_field)
+    if file_format(path) == "jsonl":
+        return read_jsonl(path, text_field)
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 

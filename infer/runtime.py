@@ -120,8 +120,12 @@ def _place(model, mesh):
     return model
 
 
-def load_tokenizer(model_config, name: str | None = None):
-    """The tokenizer `name` (default: the model config's), checked against the vocabulary."""
-    from mixtral_jax.train.data import DataConfig, load_tokenizer as data_tokenizer
+def open_checkpoint(args, local_mesh: bool = False):
+    """(settings, mesh, model, tokenizer) for an inference command's `args`: `read_config`,
+    `setup`, `load_model` of --checkpoint, and the tokenizer the settings or the model name."""
+    from mixtral_jax.tokenizer import load_tokenizer
 
-    return data_tokenizer(DataConfig(tokenizer=name), model_config)
+    config = read_config(args)
+    mesh = setup(config, local_mesh)
+    model = load_model(args.checkpoint, mesh, **config.model)
+    return config, mesh, model, load_tokenizer(model.config, config.tokenizer)

@@ -276,3 +276,35 @@ def train(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | os.Pa
 def _has_text(path: pathlib.Path) -> bool:
     with path.open("rb") as f:
         return any(line.strip() for line in f)
+
+
+class ByteTokenizer:
+    """Byte-level tokens for tiny test models: byte b is id b + 3; pad 0, bos 1, eos 2."""
+
+    pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
+    path = "bytes"
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """UTF-8 bytes of `text` shifted by 3, optionally framed by bos / eos."""
+        ids = [b + 3 for b in text.encode("utf-8")]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts, bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """`encode` of each text."""
+        return [self.encode(text, bos, eos) for text in texts]
+
+    def decode(self, ids) -> str:
+        """The text of `ids`; special ids produce no text, broken UTF-8 becomes U+FFFD."""
+        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < self.vocab_size).decode("utf-8", "replace")
+
+
+def load_tokenizer(model_config, name: str | None = None):
+    """The tokenizer `name` names (default: the model config's): "bytes" for `ByteTokenizer`, a
+    known name or a .model path; checked against the model's vocabulary."""
+    name = name or model_config.tokenizer
+    if name != "bytes":
+        return Tokenizer.for_config(model_config.replace(tokenizer=name))
+    if ByteTokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(f"tokenizer 'bytes' needs model.vocab_size >= {ByteTokenizer.vocab_size}, "
+                        f"got {model_config.vocab_size}")
+    return ByteTokenizer()

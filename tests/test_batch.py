@@ -14,6 +14,7 @@ from mixtral_jax.checkpoint import save_params
 from mixtral_jax.infer import runtime
 from mixtral_jax.infer.batch import finished_lines, part_path, run_job
 from mixtral_jax.infer.generate import Generator
+from mixtral_jax.tokenizer import load_tokenizer
 
 SETTINGS = runtime.InferenceConfig(max_new_tokens=6, tokenizer="bytes")
 
@@ -30,7 +31,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generator(checkpoint):
     model = runtime.load_model(str(checkpoint))
-    return Generator(model, runtime.load_tokenizer(model.config, "bytes"))
+    return Generator(model, load_tokenizer(model.config, "bytes"))
 
 
 def write_lines(path, lines):

@@ -7,8 +7,8 @@ import pytest
 
 from mixtral_jax import preset
 from mixtral_jax.configtools import UserError, build
-from mixtral_jax.train.data import (ByteTokenizer, DataConfig, builtin_corpus, load_tokenizer,
-                                    make_loader, pack_row, tokenize_documents)
+from mixtral_jax.tokenizer import ByteTokenizer, load_tokenizer
+from mixtral_jax.train.data import DataConfig, builtin_corpus, make_loader, pack_row, tokenize_documents
 
 BYTES = ByteTokenizer()
 DOCS = [f"document {i}: " + "lorem ipsum " * (i % 5) for i in range(40)]
@@ -126,7 +126,7 @@ def test_pretokenized_npy_matches_the_text_pipeline(tmp_path, corpus):
 def test_builtin_corpus_with_the_real_tokenizer():
     assert len(builtin_corpus()) > 50
     data = DataConfig()
-    tokenizer = load_tokenizer(data, preset("tiny", vocab_size=32000))
+    tokenizer = load_tokenizer(preset("tiny", vocab_size=32000), data.tokenizer)
     batch = next(make_loader(data, tokenizer=tokenizer, seq_len=32, global_batch_size=2))
     assert batch["inputs"].shape == (2, 32) and batch["inputs"].max() < 32000
     assert batch["loss_mask"].sum() > 0
@@ -134,9 +134,8 @@ def test_builtin_corpus_with_the_real_tokenizer():
 
 def test_byte_tokenizer_needs_room_in_the_vocab():
     with pytest.raises(UserError, match="vocab_size >= 259"):
-        load_tokenizer(DataConfig(tokenizer="bytes"), preset("tiny"))
-    assert isinstance(load_tokenizer(DataConfig(tokenizer="bytes"), preset("tiny", vocab_size=259)),
-                      ByteTokenizer)
+        load_tokenizer(preset("tiny"), "bytes")
+    assert isinstance(load_tokenizer(preset("tiny", vocab_size=259), "bytes"), ByteTokenizer)
     assert BYTES.decode(BYTES.encode("héllo", eos=True)) == "héllo"
 
 

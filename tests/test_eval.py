@@ -9,7 +9,7 @@ import mixtral_jax as mj
 from mixtral_jax.cli import main
 from mixtral_jax.checkpoint import save_params
 from mixtral_jax.infer.evaluate import evaluate, windows
-from mixtral_jax.train.data import ByteTokenizer
+from mixtral_jax.tokenizer import ByteTokenizer
 
 TEXTS = ["hi", "a short document", "a document long enough to need several windows of sixteen tokens"]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import pathlib
 from typing import Literal
@@ -40,9 +39,9 @@ import grain
 import numpy as np
 
 from mixtral_jax.configtools import UserError
+from mixtral_jax.documents import file_format, read_jsonl
 
 BUILTIN = "builtin"
-_FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".npy": "tokens"}
 _BUILTIN_STREAMS: dict[tuple[str, str], np.ndarray] = {}  # tokenizer key -> builtin token stream
 
 
@@ -53,7 +52,7 @@ class DataConfig:
     source: str | list[str] = BUILTIN  # "builtin", or paths / globs
     format: Literal["auto", "text", "jsonl", "tokens"] = "auto"  # auto: by file suffix
     text_field: str = "text"  # the JSONL key holding a document's text
-    tokenizer: str | None = None  # None: the model's; "bytes": ByteTokenizer; or a name / .model path
+    tokenizer: str | None = None  # None: the model's; see `mixtral_jax.tokenizer.load_tokenizer`
     packing: bool = True  # documents end to end (False: each document starts a row)
     packing_mask: bool = True  # attention stays inside a document (False: a row is one segment)
     shuffle: bool = True
@@ -72,39 +71,6 @@ class DataConfig:
     @property
     def sources(self) -> list[str]:
         return [self.source] if isinstance(self.source, str) else list(self.source)
-
-
-class ByteTokenizer:
-    """Byte-level tokens for tiny test models: byte b is id b + 3; pad 0, bos 1, eos 2."""
-
-    pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
-    path = "bytes"
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """UTF-8 bytes of `text` shifted by 3, optionally framed by bos / eos."""
-        ids = [b + 3 for b in text.encode("utf-8")]
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def encode_batch(self, texts, bos: bool = True, eos: bool = False) -> list[list[int]]:
-        """`encode` of each text."""
-        return [self.encode(text, bos, eos) for text in texts]
-
-    def decode(self, ids) -> str:
-        """The text of `ids`; special ids produce no text, broken UTF-8 becomes U+FFFD."""
-        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < self.vocab_size).decode("utf-8", "replace")
-
-
-def load_tokenizer(data: DataConfig, model_config):
-    """The tokenizer `data.tokenizer` names (default: the model's), checked against the model's vocab."""
-    from mixtral_jax.tokenizer import Tokenizer
-
-    name = data.tokenizer or model_config.tokenizer
-    if name != "bytes":
-        return Tokenizer.for_config(model_config.replace(tokenizer=name))
-    if ByteTokenizer.vocab_size > model_config.vocab_size:
-        raise UserError(f"data.tokenizer 'bytes' needs model.vocab_size >= {ByteTokenizer.vocab_size}, "
-                        f"got {model_config.vocab_size}")
-    return ByteTokenizer()
 
 
 def builtin_corpus() -> list[str]:
@@ -141,23 +107,6 @@ def _paths(sources: list[str]) -> list[pathlib.Path]:
     return paths
 
 
-def _read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise UserError(f"{path}:{line_number}: no string field {text_field!r} "
-                                f"(set data.text_field to the key holding the text)")
-            texts.append(row[text_field])
-    return texts
-
-
 def _read_tokens(path: pathlib.Path, vocab_size: int) -> np.ndarray:
     try:
         tokens = np.load(path, mmap_mode="r")
@@ -181,13 +130,13 @@ def token_streams(data: DataConfig, tokenizer) -> list[np.ndarray]:
         return [_BUILTIN_STREAMS[key]]
     texts, streams = [], []
     for path in _paths(data.sources):
-        fmt = data.format if data.format != "auto" else _FORMAT_BY_SUFFIX.get(path.suffix.lower(), "text")
+        fmt = data.format if data.format != "auto" else file_format(path)
         if fmt == "tokens":
             stream = _read_tokens(path, tokenizer.vocab_size)
             streams.append(stream)
             empty = stream.size == 0
         elif fmt == "jsonl":
-            documents = _read_jsonl(path, data.text_field)
+            documents = read_jsonl(path, data.text_field)
             texts += documents
             empty = not any(documents)
         else:

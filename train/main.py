@@ -25,9 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax import checkpoint, sharding
 from mixtral_jax.configtools import UserError
+from mixtral_jax.tokenizer import load_tokenizer
 from mixtral_jax.train.checkpointing import Checkpointer, restore_opt_state
 from mixtral_jax.train.config import RunConfig
-from mixtral_jax.train.data import load_tokenizer, make_loader
+from mixtral_jax.train.data import make_loader
 from mixtral_jax.train.metrics import MetricsLogger
 from mixtral_jax.train.step import TrainState, init_state, make_optimizer, make_train_step, state_shardings
 
@@ -116,7 +117,7 @@ def train(run: RunConfig) -> dict:
     config, train_cfg = run.model_config, run.train
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
-    tokenizer = load_tokenizer(run.data, config)
+    tokenizer = load_tokenizer(config, run.data.tokenizer)
     loader = make_loader(run.data, tokenizer=tokenizer, seq_len=train_cfg.seq_len,
                          global_batch_size=train_cfg.batch_size, process_index=jax.process_index(),
                          process_count=jax.process_count(), seed=train_cfg.seed)

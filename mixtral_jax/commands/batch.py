@@ -26,10 +26,7 @@ def run(args):
     from mixtral_jax.infer.batch import run_job
     from mixtral_jax.infer.generate import Generator
 
-    config = runtime.read_config(args)
-    mesh = runtime.setup(config, local_mesh=True)
-    model = runtime.load_model(args.checkpoint, mesh, **config.model)
-    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    config, mesh, model, tokenizer = runtime.open_checkpoint(args, local_mesh=True)
     generator = Generator(model, tokenizer, mesh=mesh)
     summary = run_job(generator, args.input, args.output, config, batch_size=config.batch_size,
                       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -21,10 +21,7 @@ def run(args):
     from mixtral_jax.infer import runtime
     from mixtral_jax.infer.evaluate import evaluate
 
-    config = runtime.read_config(args)
-    mesh = runtime.setup(config)
-    model = runtime.load_model(args.checkpoint, mesh, **config.model)
-    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    config, mesh, model, tokenizer = runtime.open_checkpoint(args)
     summary, records = evaluate(model, tokenizer, args.data, seq_len=config.seq_len,
                                 batch_size=config.batch_size, text_field=args.text_field, mesh=mesh,
                                 progress=True)

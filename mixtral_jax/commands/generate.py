@@ -28,10 +28,7 @@ def run(args):
     from mixtral_jax.infer import runtime
     from mixtral_jax.infer.generate import Generator, Request
 
-    config = runtime.read_config(args)
-    mesh = runtime.setup(config)
-    model = runtime.load_model(args.checkpoint, mesh, **config.model)
-    tokenizer = runtime.load_tokenizer(model.config, config.tokenizer)
+    config, mesh, model, tokenizer = runtime.open_checkpoint(args)
     generator = Generator(model, tokenizer, mesh=mesh, chunk=8)
 
     def complete(ids) -> str:
