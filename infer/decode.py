@@ -51,23 +51,38 @@ def cache_size(config, prompt_len: int, buffer: int) -> int:
     return min(size, config.sliding_window) if config.sliding_window else size
 
 
-def inference_experts_fn(config, rows: int):
+def _cpu_impl(config) -> str:
+    impl = config.moe_impl
+    if impl == "auto":
+        impl = "grouped" if jax.default_backend() == "cpu" else "ragged"
+    return impl
+
+
+def splits_weights(config) -> bool:
+    """Whether generation on one device keeps `split_layers`' copy of the weights: on CPU, for
+    the `blocked_ffn` expert path (moe_impl auto or grouped)."""
+    return jax.default_backend() == "cpu" and _cpu_impl(config) == "grouped"
+
+
+def inference_experts_fn(config, rows: int, weights_out_in: bool = False):
     """The single-device expert path for `rows` tokens at a time.
 
     On CPU (moe_impl auto or grouped) `blocked_ffn` with blocks of about twice
     the rows an expert gets: decode reads each active expert's weights once,
-    without computing on hundreds of padding rows.
+    without computing on hundreds of padding rows. weights_out_in: the expert
+    weights come as `split_layers` stores them (only `blocked_ffn` reads that).
     """
-    impl = config.moe_impl
-    if impl == "auto":
-        impl = "grouped" if jax.default_backend() == "cpu" else "ragged"
+    impl = _cpu_impl(config)
     if impl != "grouped":
+        if weights_out_in:
+            raise ValueError(f"moe_impl {impl!r} reads the model's expert layout, not split_layers'")
         return experts_fn_for(impl)
     per_expert = -(-2 * rows * config.num_experts_per_tok // config.num_local_experts)
-    return sorted_experts(functools.partial(blocked_ffn, block=min(256, 1 << (per_expert - 1).bit_length())))
+    block = min(256, 1 << (per_expert - 1).bit_length())
+    return sorted_experts(functools.partial(blocked_ffn, block=block, weights_out_in=weights_out_in))
 
 
-def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int):
+def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, weights_out_in: bool = False):
     """Forward-only grouped SwiGLU over expert-sorted rows (see `moe.sorted_experts`).
 
     Like `_grouped.grouped_ffn`, each expert runs on blocks of its rows in a loop
@@ -75,40 +90,60 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int):
     the next group's rows that the next expert then overwrites; unlike it, each
     expert's weights are taken outside its loop, which XLA:CPU then reads in
     place instead of copying every iteration.
-    x_sorted: [M, D]; group_sizes: [E]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [M, D].
+    x_sorted: [M, D]; group_sizes: [E]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [M, D];
+    with weights_out_in, each expert's matrices transposed: [E, F, D], [E, F, D], [E, D, F].
     """
     rows = x_sorted.shape[0]
     x = jnp.pad(x_sorted, ((0, block), (0, 0)))  # [M + R, D]
     starts = jnp.cumsum(group_sizes) - group_sizes
     y = jnp.zeros_like(x)
+    ffn = _swiglu_out_in if weights_out_in else swiglu
     for e in range(w_gate.shape[0]):
         weights = w_gate[e], w_up[e], w_down[e]
 
         def run_block(i, y, e=e, weights=weights):
             first = starts[e] + i * block
-            y_block = swiglu(jax.lax.dynamic_slice_in_dim(x, first, block), *weights)  # [R, D]
+            y_block = ffn(jax.lax.dynamic_slice_in_dim(x, first, block), *weights)  # [R, D]
             return jax.lax.dynamic_update_slice_in_dim(y, y_block, first, axis=0)
 
         y = jax.lax.fori_loop(0, (group_sizes[e] + block - 1) // block, run_block, y)
     return y[:rows]
 
 
+def _swiglu_out_in(x, w_gate_t, w_up_t, w_down_t):
+    """`moe.swiglu` of x [R, D] with weights stored [out, in]: w_gate_t, w_up_t [F, D], w_down_t [D, F].
+
+    For a few rows it runs transposed (W x^T, the weight as the left operand):
+    XLA:CPU's matmul then streams the weights about twice as fast as x @ W^T
+    for R <= 16 (measured on 8 x [512, 1792] weights: 12 vs 7 GB/s at R = 4).
+    """
+    if x.shape[0] > 32:
+        return (jax.nn.silu(x @ w_gate_t.T) * (x @ w_up_t.T)) @ w_down_t.T
+    gate_t = jnp.einsum("fd,rd->fr", w_gate_t, x)  # [F, R]
+    up_t = jnp.einsum("fd,rd->fr", w_up_t, x)
+    y_t = jnp.einsum("df,fr->dr", w_down_t, jax.nn.silu(gate_t) * up_t)  # [D, R]
+    return jax.lax.optimization_barrier(y_t).T  # (else XLA folds the transpose back into the matmul)
+
+
 def split_layers(params) -> dict:
     """The parameters as a pure dict whose layer-stacked leaves [L, ...] are tuples of
-    per-layer arrays, and expert weights [L, E, ...] tuples of tuples per expert.
+    per-layer arrays, and expert weights [L, E, in, out] tuples of tuples of
+    per-expert [out, in] arrays (the layout `_swiglu_out_in` streams fastest).
 
     XLA:CPU copies a weight sliced out of a stacked array before each matmul;
     separate buffers, re-stacked and sliced statically (layers unrolled) in
     the same computation, are read in place. (Re-stacked outside a loop, the
     stack enters the loop whole and every step copies its slices: `decode`
-    merges inside its loop body.) Costs a second copy of the weights.
+    merges inside its loop body.) Costs a second copy of the weights. The
+    merged model then holds expert weights as [L, E, out, in], which only
+    `blocked_ffn(weights_out_in=True)` reads: see `splits_weights`.
     """
     def split(path, leaf):
         names = [str(getattr(key, "key", key)) for key in path]
         if names[0] != "layers":
             return leaf
         if names[-1] in ("w_gate", "w_up", "w_down"):
-            return tuple(tuple(layer) for layer in leaf)
+            return tuple(tuple(expert.T for expert in layer) for layer in leaf)  # [out, in]
         return tuple(leaf)
 
     return jax.tree_util.tree_map_with_path(split, nnx.to_pure_dict(params))
@@ -141,7 +176,7 @@ def prefill(graphdef, params, tokens, positions, rows: Rows, sampler, *, cache_s
     """
     model = _merge(graphdef, params, split)
     batch = tokens.shape[0]
-    experts_fn = experts_fn or inference_experts_fn(model.config, tokens.size)
+    experts_fn = experts_fn or inference_experts_fn(model.config, tokens.size, weights_out_in=split)
     cache = model.init_cache(batch, cache_slots)
     out = model.forward(tokens, positions, cache=cache, experts_fn=experts_fn, last_only=True,
                         unroll_layers=split)
@@ -170,7 +205,7 @@ def decode(graphdef, params, state: DecodeState, rows: Rows, sampler, until, *,
     """
     config = _merge(graphdef, params, split).config
     batch, buffer = state.tokens.shape
-    experts_fn = experts_fn or inference_experts_fn(config, batch)
+    experts_fn = experts_fn or inference_experts_fn(config, batch, weights_out_in=split)
     rows_idx = jnp.arange(batch)
 
     def running(s: DecodeState):

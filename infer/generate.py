@@ -123,7 +123,7 @@ class Generator:
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         # XLA:CPU copies weights sliced from stacked arrays: decode from per-layer buffers there
-        self.split = mesh is None and jax.default_backend() == "cpu"
+        self.split = mesh is None and programs.splits_weights(self.config)
         if self.split:
             self.params = programs.split_layers(self.params)
         self.tokenizer = tokenizer

@@ -1,5 +1,6 @@
 """Generation: parity with transformers, sampling, stopping, bucketing, the rolling cache."""
 
+import functools
 import re
 
 import jax
@@ -189,14 +190,17 @@ def test_generate_command_streams_text(tmp_path, capsys):
 
 
 def test_split_weights_restack_exactly_and_cheaply():
-    """split_layers then _merge gives the model's own arrays back, with work per leaf
+    """split_layers then _merge gives the model's own arrays back (expert matrices
+    transposed, as blocked_ffn(weights_out_in=True) reads them), with work per leaf
     (not per row: re-stacking once sliced the embedding row by row, a 60 s compile)."""
     model = mj.init(mj.preset("tiny", vocab_size=4096), seed=0)
     graphdef, params = nnx.split(model)
     split = programs.split_layers(params)
-    merged = nnx.state(programs._merge(graphdef, split, True))
-    for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True):
-        np.testing.assert_array_equal(got, want)
+    merged = nnx.to_pure_dict(nnx.state(programs._merge(graphdef, split, True)))
+    flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
+    for (path, got), want in zip(flat_merged, jax.tree.leaves(nnx.to_pure_dict(params)), strict=True):
+        expert = str(path[-1].key) in ("w_gate", "w_up", "w_down")
+        np.testing.assert_array_equal(got, np.swapaxes(want, -1, -2) if expert else want)
     jaxpr = jax.make_jaxpr(lambda p: nnx.state(programs._merge(graphdef, p, True)))(split)
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
@@ -216,3 +220,22 @@ def test_cpu_decode_loop_copies_no_expert_weights():
     copies = [line for line in hlo.splitlines()
               if "=" in line and "slice" in line.split("=")[0] and weight_shape.match(line.split("=", 1)[1])]
     assert not copies, copies[:2]
+
+
+@pytest.mark.parametrize("block", [4, 64])  # few rows: weights-first matmuls; many: x @ W^T
+@pytest.mark.parametrize("weights_out_in", [False, True])
+def test_blocked_ffn_equals_reference_experts(block, weights_out_in):
+    """Decoding's expert path equals every-expert-on-every-token, in both weight layouts."""
+    from mixtral_jax.moe import reference_experts, route, sorted_experts
+
+    n, d, f, e = 40, 16, 24, 4
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (n, d))
+    weights, expert_idx = route(jax.random.normal(keys[1], (n, e)), 2)
+    w_gate, w_up = (jax.random.normal(k, (e, d, f)) / 4 for k in keys[2:4])
+    w_down = jax.random.normal(keys[4], (e, f, d)) / 4
+    want = reference_experts(x, expert_idx, weights, w_gate, w_up, w_down)[0]
+    stored = [jnp.swapaxes(w, 1, 2) for w in (w_gate, w_up, w_down)] if weights_out_in else [w_gate, w_up, w_down]
+    blocked = functools.partial(programs.blocked_ffn, block=block, weights_out_in=weights_out_in)
+    got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, *stored)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
