@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.layers import KVCache
-from mixtral_jax.moe import experts_fn_for, sorted_experts, swiglu
+from mixtral_jax.moe import experts_fn_for, resolve_impl, sorted_experts, swiglu
 
 
 class Rows(NamedTuple):
@@ -51,35 +51,32 @@ def cache_size(config, prompt_len: int, buffer: int) -> int:
     return min(size, config.sliding_window) if config.sliding_window else size
 
 
-def _cpu_impl(config) -> str:
-    impl = config.moe_impl
-    if impl == "auto":
-        impl = "grouped" if jax.default_backend() == "cpu" else "ragged"
-    return impl
-
-
 def splits_weights(config) -> bool:
     """Whether generation on one device keeps `split_layers`' copy of the weights: on CPU, for
     the `blocked_ffn` expert path (moe_impl auto or grouped)."""
-    return jax.default_backend() == "cpu" and _cpu_impl(config) == "grouped"
+    return jax.default_backend() == "cpu" and resolve_impl(config.moe_impl) == "grouped"
 
 
-def inference_experts_fn(config, rows: int, weights_out_in: bool = False):
-    """The single-device expert path for `rows` tokens at a time.
+def inference_experts_fn(config, rows: int, experts_fn=None, split: bool = False):
+    """The expert path of a prefill / decode program over `rows` tokens at a time.
 
-    On CPU (moe_impl auto or grouped) `blocked_ffn` with blocks of about twice
-    the rows an expert gets: decode reads each active expert's weights once,
-    without computing on hundreds of padding rows. weights_out_in: the expert
-    weights come as `split_layers` stores them (only `blocked_ffn` reads that).
+    `experts_fn` when given (e.g. the expert-parallel one; it reads the model's
+    weight layout, so not with `split_layers`' weights). Else on CPU (moe_impl
+    auto or grouped) `blocked_ffn` with blocks of about twice the rows an
+    expert gets: decode reads each active expert's weights once, without
+    computing on hundreds of padding rows. split: the expert weights come as
+    `split_layers` stores them, which only `blocked_ffn` reads.
     """
-    impl = _cpu_impl(config)
+    impl = resolve_impl(config.moe_impl)
+    if split and (experts_fn is not None or impl != "grouped"):
+        raise ValueError("split weights are read by the blocked_ffn expert path only (see splits_weights)")
+    if experts_fn is not None:
+        return experts_fn
     if impl != "grouped":
-        if weights_out_in:
-            raise ValueError(f"moe_impl {impl!r} reads the model's expert layout, not split_layers'")
         return experts_fn_for(impl)
     per_expert = -(-2 * rows * config.num_experts_per_tok // config.num_local_experts)
     block = min(256, 1 << (per_expert - 1).bit_length())
-    return sorted_experts(functools.partial(blocked_ffn, block=block, weights_out_in=weights_out_in))
+    return sorted_experts(functools.partial(blocked_ffn, block=block, weights_out_in=split))
 
 
 def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, weights_out_in: bool = False):
@@ -176,7 +173,7 @@ def prefill(graphdef, params, tokens, positions, rows: Rows, sampler, *, cache_s
     """
     model = _merge(graphdef, params, split)
     batch = tokens.shape[0]
-    experts_fn = experts_fn or inference_experts_fn(model.config, tokens.size, weights_out_in=split)
+    experts_fn = inference_experts_fn(model.config, tokens.size, experts_fn, split)
     cache = model.init_cache(batch, cache_slots)
     out = model.forward(tokens, positions, cache=cache, experts_fn=experts_fn, last_only=True,
                         unroll_layers=split)
@@ -205,7 +202,7 @@ def decode(graphdef, params, state: DecodeState, rows: Rows, sampler, until, *,
     """
     config = _merge(graphdef, params, split).config
     batch, buffer = state.tokens.shape
-    experts_fn = experts_fn or inference_experts_fn(config, batch, weights_out_in=split)
+    experts_fn = inference_experts_fn(config, batch, experts_fn, split)
     rows_idx = jnp.arange(batch)
 
     def running(s: DecodeState):

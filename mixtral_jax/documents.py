@@ -27,7 +27,7 @@ def read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise UserError(f"{path}:{line_number}: no string field {text_field!r} "
-                                f"(set data.text_field to the key holding the text)")
+                raise UserError(f"{path}:{line_number}: no string field {text_field!r} (name the key "
+                                f"holding the text: data.text_field in training, --text-field in eval)")
             texts.append(row[text_field])
     return texts

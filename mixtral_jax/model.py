@@ -18,6 +18,8 @@ _REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
 
 
 class ModelOutput(NamedTuple):
+    """What `Mixtral.forward` returns."""
+
     logits: jax.Array  # [B, T, V] float32
     aux: MoEAux  # router statistics, each field stacked over layers: [L, ...]
     cache: KVCache | None  # the cache with these tokens added, stacked over layers

@@ -146,10 +146,16 @@ def ragged_ffn(x_sorted, group_sizes, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
+def resolve_impl(moe_impl: str) -> str:
+    """The expert path `moe_impl` means here: "auto" is "grouped" on CPU, else "ragged"."""
+    if moe_impl == "auto":
+        return "grouped" if jax.default_backend() == "cpu" else "ragged"
+    return moe_impl
+
+
 def experts_fn_for(moe_impl: str) -> ExpertsFn:
     """The single-device ExpertsFn a config's `moe_impl` names ("auto" picks by backend)."""
-    if moe_impl == "auto":
-        moe_impl = "grouped" if jax.default_backend() == "cpu" else "ragged"
+    moe_impl = resolve_impl(moe_impl)
     if moe_impl == "reference":
         return reference_experts
     if moe_impl == "ragged":

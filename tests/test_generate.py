@@ -13,6 +13,7 @@ import mixtral_jax as mj
 from mixtral_jax.infer import decode as programs
 from mixtral_jax.infer import sampling
 from mixtral_jax.infer.generate import Generator, Request, generate
+from mixtral_jax.moe import reference_experts, route, sorted_experts
 
 PROMPTS = [[1, 17, 33, 5], [1, 90, 12, 7, 7, 41, 3, 8, 60, 22, 11], [1, 4], [1, 50, 51, 52, 53, 54, 55]]
 
@@ -226,8 +227,6 @@ def test_cpu_decode_loop_copies_no_expert_weights():
 @pytest.mark.parametrize("weights_out_in", [False, True])
 def test_blocked_ffn_equals_reference_experts(block, weights_out_in):
     """Decoding's expert path equals every-expert-on-every-token, in both weight layouts."""
-    from mixtral_jax.moe import reference_experts, route, sorted_experts
-
     n, d, f, e = 40, 16, 24, 4
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (n, d))

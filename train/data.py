@@ -70,6 +70,7 @@ class DataConfig:
 
     @property
     def sources(self) -> list[str]:
+        """`source` as a list of paths / globs (or ["builtin"])."""
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
