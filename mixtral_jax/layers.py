@@ -71,9 +71,10 @@ def rope(x, positions, theta: float):
 
 
 class KVCache(NamedTuple):
-    """One layer's key/value cache (stacked over layers by the decoder's scan).
+    """The key/value cache of every layer, carried through the decoder's layer loop
+    and updated in place (a loop over decode steps never copies it whole).
 
-    k, v: [B, S, K, H]; pos: [B, S] int32, the position held in each slot,
+    k, v: [L, B, S, K, H]; pos: [L, B, S] int32, the position held in each slot,
     -1 for an empty slot. A rolling (sliding-window) cache has S = window and
     stores position p in slot p % S; a full cache has S >= every position.
     """
@@ -83,25 +84,30 @@ class KVCache(NamedTuple):
     pos: jax.Array
 
     @classmethod
-    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    def empty(cls, layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         """A cache with every slot empty."""
-        kv = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
-        return cls(kv, kv, jnp.full((batch, size), -1, jnp.int32))
+        kv = jnp.zeros((layers, batch, size, kv_heads, head_dim), dtype)
+        return cls(kv, kv, jnp.full((layers, batch, size), -1, jnp.int32))
 
-    def write(self, k, v, positions) -> KVCache:
-        """Stores new keys/values k, v: [B, T, K, H] at `positions` [B, T] (-1 = padding, skipped).
+    def layer(self, index) -> KVCache:
+        """Layer `index`'s keys, values and positions: [B, S, K, H], [B, S, K, H], [B, S]."""
+        return KVCache(self.k[index], self.v[index], self.pos[index])
+
+    def write(self, index, k, v, positions) -> KVCache:
+        """Stores layer `index`'s new keys/values k, v: [B, T, K, H] at `positions`
+        [B, T] (-1 = padding, skipped).
 
         Of new tokens that land on the same slot of a rolling cache only the
         latest is kept, so a prompt longer than the window prefills correctly.
         """
-        size = self.pos.shape[1]
+        size = self.pos.shape[2]
         newest = jnp.max(positions, axis=1, keepdims=True)
         keep = (positions >= 0) & (positions > newest - size)
         slots = jnp.where(keep, positions % size, size)  # slot `size` is out of range: dropped
         rows = jnp.arange(positions.shape[0])[:, None]
-        return KVCache(self.k.at[rows, slots].set(k.astype(self.k.dtype), mode="drop"),
-                       self.v.at[rows, slots].set(v.astype(self.v.dtype), mode="drop"),
-                       self.pos.at[rows, slots].set(positions, mode="drop"))
+        return KVCache(self.k.at[index, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
+                       self.v.at[index, rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+                       self.pos.at[index, rows, slots].set(positions, mode="drop"))
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, q_segment=None, k_segment=None):
@@ -135,8 +141,9 @@ class Attention(nnx.Module):
         self.v = param(rngs, (embed, num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), param_dtype, init_std)
         self.o = param(rngs, (num_heads, head_dim, embed), (HEADS, HEAD_DIM, EMBED), param_dtype, init_std)
 
-    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None):
-        """x: [B, T, D], positions: [B, T] -> ([B, T, D], the cache with these tokens added)."""
+    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=0):
+        """x: [B, T, D], positions: [B, T] -> ([B, T, D], the cache with these tokens added as
+        layer `layer`'s)."""
         x = x.astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(self.dtype))
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(self.dtype))
@@ -144,14 +151,22 @@ class Attention(nnx.Module):
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
 
         if cache is None:
+            keys, values, key_pos = k, v, positions
             mask = attention_mask(positions, positions, self.sliding_window, segment_ids, segment_ids)
-            keys, values = k, v
-        else:  # attend to the cached tokens and the new ones, then store the new ones
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            key_pos = jnp.concatenate([cache.pos, positions], axis=1)
+        else:
+            if k.shape[1] > 1 and self.sliding_window is not None:
+                # a chunk written first into a rolling cache could overwrite slots its own earlier
+                # queries still see: attend to the old contents and the new tokens instead
+                old = cache.layer(layer)
+                keys = jnp.concatenate([old.k.astype(k.dtype), k], axis=1)
+                values = jnp.concatenate([old.v.astype(v.dtype), v], axis=1)
+                key_pos = jnp.concatenate([old.pos, positions], axis=1)
+                cache = cache.write(layer, k, v, positions)
+            else:  # store the new tokens, then attend to the layer's cache alone
+                cache = cache.write(layer, k, v, positions)
+                keys, values, key_pos = cache.layer(layer)
+                keys, values = keys.astype(k.dtype), values.astype(v.dtype)
             mask = attention_mask(positions, key_pos, self.sliding_window)
-            cache = cache.write(k, v, positions)
 
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]

@@ -22,7 +22,7 @@ class ModelOutput(NamedTuple):
 
     logits: jax.Array  # [B, T, V] float32
     aux: MoEAux  # router statistics, each field stacked over layers: [L, ...]
-    cache: KVCache | None  # the cache with these tokens added, stacked over layers
+    cache: KVCache | None  # the cache with these tokens added
 
 
 class DecoderLayer(nnx.Module):
@@ -39,8 +39,8 @@ class DecoderLayer(nnx.Module):
         self.moe = MoE(c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok,
                        init_std=c.initializer_range, dtype=jnp.dtype(c.dtype), **dtypes)
 
-    def __call__(self, x, positions, segment_ids, token_mask, cache, experts_fn):
-        attn_out, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    def __call__(self, x, positions, segment_ids, token_mask, cache, index, experts_fn):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, index)
         x = x + attn_out.astype(x.dtype)
         moe_out, aux = self.moe(self.moe_norm(x), experts_fn, token_mask)
         return constrain(x + moe_out.astype(x.dtype), ACTIVATION), aux, cache
@@ -76,7 +76,7 @@ class Mixtral(nnx.Module):
         tokens: [B, T] int32. positions: [B, T] (default 0..T-1; -1 marks left
         padding). segment_ids: [B, T] packed-document ids (attention stays within
         a document). token_mask: [B, T], 1 where a token counts in the router
-        statistics. cache: stacked KVCache [L, ...] to attend to and extend.
+        statistics. cache: KVCache [L, ...] to attend to and extend.
         experts_fn: the expert compute path (default: the config's `moe_impl`;
         `mixtral_jax.sharding` passes the expert-parallel one). last_only: logits
         of the last position only, [B, 1, V] (a prefill needs no more).
@@ -94,15 +94,17 @@ class Mixtral(nnx.Module):
         x = constrain(self.embed[...].astype(dtype)[tokens], ACTIVATION)  # [B, T, D]
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer_step(x, scanned):
-            state, layer_cache = scanned
+        def layer_step(carry, scanned):
+            x, cache = carry  # the whole cache rides in the carry: each layer updates its slice in place
+            state, index = scanned
             layer = nnx.merge(graphdef, state)
-            x, aux, layer_cache = layer(x, positions, segment_ids, token_mask, layer_cache, experts_fn)
-            return x, (aux, layer_cache)
+            x, aux, cache = layer(x, positions, segment_ids, token_mask, cache, index, experts_fn)
+            return (x, cache), aux
 
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[config.remat], prevent_cse=False)
-        x, (aux, cache) = jax.lax.scan(layer_step, x, (layer_state, cache), unroll=unroll_layers)
+        layer_index = jnp.arange(config.num_hidden_layers)
+        (x, cache), aux = jax.lax.scan(layer_step, (x, cache), (layer_state, layer_index), unroll=unroll_layers)
         x = self.norm(x[:, -1:] if last_only else x)
         logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype)).astype(jnp.float32)
         return ModelOutput(logits, aux, cache)
@@ -118,8 +120,8 @@ class Mixtral(nnx.Module):
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
         """An empty cache of `size` slots per row for every layer: [L, B, S, K, H]."""
         c = self.config
-        one = KVCache.empty(batch, size, c.num_key_value_heads, c.head_size, dtype or jnp.dtype(c.dtype))
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (c.num_hidden_layers, *a.shape)), one)
+        return KVCache.empty(c.num_hidden_layers, batch, size, c.num_key_value_heads, c.head_size,
+                             dtype or jnp.dtype(c.dtype))
 
 
 def init(config: MixtralConfig, seed: int = 0) -> Mixtral:

@@ -206,21 +206,40 @@ def test_split_weights_restack_exactly_and_cheaply():
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
 
+def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4):
+    """The optimized HLO text of the decode loop for one prompt, and the generator's cache slots."""
+    generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
+    batch = generator.prepare([Request(list(range(1, prompt_len + 1)), new_tokens)])
+    state = generator.prefill(batch)
+    hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler,
+                                new_tokens, experts_fn=generator.experts_fn, split=generator.split)
+    return hlo.compile().as_text(), state.cache.k.shape
+
+
 def test_cpu_decode_loop_copies_no_expert_weights():
     """XLA:CPU copies a weight sliced out of a stacked array before each matmul; the decode
     loop must read the split per-expert buffers in place instead."""
     config = mj.preset("tiny", moe_impl="grouped")
-    generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
-    assert generator.split
-    batch = generator.prepare([Request([1, 5, 9], 4)])
-    state = generator.prefill(batch)
-    hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler, 4,
-                                experts_fn=generator.experts_fn, split=True).compile().as_text()
+    assert Generator(mj.init(config, seed=0)).split
+    hlo, _ = _compiled_decode(config)
     d, f = config.hidden_size, config.intermediate_size
     weight_shape = re.compile(rf"^\s*f32\[({d},{f}|{f},{d})\]")
     copies = [line for line in hlo.splitlines()
               if "=" in line and "slice" in line.split("=")[0] and weight_shape.match(line.split("=", 1)[1])]
     assert not copies, copies[:2]
+
+
+def test_decode_step_updates_the_cache_in_place():
+    """Each decode step scatters its keys/values into the cache and attends to the cache as
+    stored: no op rebuilds the whole cache (re-stacking layers) or a cache-plus-one copy."""
+    hlo, (layers, batch, slots, kv_heads, head_dim) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
+    whole = re.compile(rf"%(\S+) = f32\[{layers},{batch},{slots},{kv_heads},{head_dim}\]\S* ([\w-]+)\(")
+    in_place = ("scatter", "dynamic-update-slice")
+    rebuilt = [m.group(0) for m in whole.finditer(hlo)
+               if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
+               and not (m.group(2) == "fusion" and any(op in m.group(1) for op in in_place))]
+    assert not rebuilt, rebuilt[:2]
+    assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
 
 
 @pytest.mark.parametrize("block", [4, 64])  # few rows: weights-first matmuls; many: x @ W^T
