@@ -7,7 +7,9 @@ same prompts through transformers' `generate` (PyTorch CPU, KV cache, greedy,
 the same random config). transformers' decode rate is its generate time for
 all the new tokens less its time for one (the prefill and first token), so
 `speedup_vs_torch` (goal >= 3) compares decode with decode;
-`end_to_end_speedup_vs_torch` compares whole generate calls.
+`end_to_end_speedup_vs_torch` compares whole generate calls. The two sides
+alternate in rounds; times are medians and speedups medians of the per-round
+ratios, so a load change on a shared machine hits both.
 
 At batch 1 decode reads every active weight once per token: the bound is
 (bytes of active weights + the KV cache of the average context) / the read
@@ -34,7 +36,7 @@ def add_arguments(parser):
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each side, alternating (median)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
 
 
@@ -52,60 +54,94 @@ def bytes_per_token(config, context: float) -> float:
     return weights * itemsize + cache
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call's seconds, median of the next `repeats`), each blocked until ready."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+def _timed(fn):
+    """(wall seconds, result) of one call of `fn`, blocked until its result is ready."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    return time.perf_counter() - start, result
 
 
-def measure_jax(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    """Compile time, time to first token, prefill and decode tokens/s of greedy generation."""
-    from mixtral_jax.infer.generate import Generator, Request
+class JaxGeneration:
+    """Greedy generation of `prompts` [B, T] by the project's Generator, `new_tokens` per row.
 
-    generator = Generator(model, eos_ids=[-1])  # no EOS: every row runs to new_tokens
-    batch = generator.prepare([Request(p.tolist(), new_tokens) for p in prompts])
+    Construction compiles both programs (`compile_s`); each `round()` then
+    times one prefill and one decode loop over its state.
+    """
+
+    def __init__(self, model, prompts: np.ndarray, new_tokens: int):
+        from mixtral_jax.infer.generate import Generator, Request
+
+        self.generator = generator = Generator(model, eos_ids=[-1])  # no EOS: every row runs to new_tokens
+        self.batch = generator.prepare([Request(p.tolist(), new_tokens) for p in prompts])
+        self.new_tokens = new_tokens
+        first = self.round()
+        warm = self.round()
+        self.compile_s = sum(first) - sum(warm)
+        state = generator.decode(generator.prefill(self.batch), self.batch, new_tokens)
+        assert int(jnp.min(state.length[:len(prompts)])) == new_tokens
+
+    def round(self) -> tuple[float, float]:
+        """(prefill seconds, decode seconds): a timed prefill, then the decode loop over its state."""
+        prefill_s, state = _timed(lambda: self.generator.prefill(self.batch))
+        decode_s, _ = _timed(lambda: self.generator.decode(state, self.batch, self.new_tokens))  # donates state
+        return prefill_s, decode_s
+
+
+class TorchGeneration:
+    """transformers' generate (KV cache, greedy) on a random model of the same config."""
+
+    def __init__(self, config, prompts: np.ndarray, new_tokens: int):
+        import torch
+        import transformers
+
+        hf_config = transformers.MixtralConfig(**config.to_hf_config())
+        torch.manual_seed(0)
+        self.model = transformers.MixtralForCausalLM(hf_config).eval()
+        self.ids = torch.as_tensor(prompts, dtype=torch.long)
+        self.new_tokens = new_tokens
+        self._generate(1)  # warm up
+
+    def _generate(self, count: int):
+        import torch
+
+        with torch.no_grad():
+            return self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=count,
+                                       min_new_tokens=count, do_sample=False, use_cache=True, pad_token_id=0)
+
+    def round(self) -> tuple[float, float]:
+        """(seconds to the first token, seconds of the rest): generate 1 token, and all less that."""
+        first_s, _ = _timed(lambda: self._generate(1))
+        return first_s, _timed(lambda: self._generate(self.new_tokens))[0] - first_s
+
+
+def measure(config, model, prompts: np.ndarray, new_tokens: int, repeats: int, torch: bool) -> dict:
+    """One (preset, batch) entry: JAX and, with `torch`, transformers timed in alternating rounds;
+    times are medians, speedups medians of the per-round ratios (a load change on a shared
+    machine between rounds hits both sides)."""
     rows, prompt_len = prompts.shape
-    first_prefill, prefill_s = _timed(lambda: generator.prefill(batch), repeats)
-    first_decode, decode_s = _timed(lambda: generator.decode(generator.prefill(batch), batch, new_tokens),
-                                    repeats)
-    decode_s -= prefill_s  # the decode timing includes a fresh prefill (the state is donated)
-    state = generator.decode(generator.prefill(batch), batch, new_tokens)
-    assert int(jnp.min(state.length[:rows])) == new_tokens
-    return {
-        "compile_s": round(first_prefill - prefill_s + first_decode - decode_s - prefill_s, 3),
+    decoded = rows * (new_tokens - 1)
+    jax_side = JaxGeneration(model, prompts, new_tokens)
+    torch_side = TorchGeneration(config, prompts, new_tokens) if torch else None
+    rounds = [(jax_side.round(), torch_side.round() if torch_side else None) for _ in range(repeats)]
+    median = lambda values: statistics.median(list(values))
+    prefill_s = median(j[0] for j, _ in rounds)
+    decode_s = median(j[1] for j, _ in rounds)
+    entry = {"jax": {
+        "compile_s": round(jax_side.compile_s, 3),
         "time_to_first_token_s": round(prefill_s, 4),
         "prefill_tokens_per_s": round(rows * prompt_len / prefill_s, 1),
-        "decode_tokens_per_s": round(rows * (new_tokens - 1) / decode_s, 1),
+        "decode_tokens_per_s": round(decoded / decode_s, 1),
         "end_to_end_tokens_per_s": round(rows * new_tokens / (prefill_s + decode_s), 1),
-    }
-
-
-def measure_torch(config, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    """transformers' generate (KV cache, greedy) on a random model of the same config:
-    decode and end-to-end tokens/s."""
-    import torch
-    import transformers
-
-    hf_config = transformers.MixtralConfig(**config.to_hf_config())
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(hf_config).eval()
-    ids = torch.as_tensor(prompts, dtype=torch.long)
-
-    def run(count):
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
-                                  min_new_tokens=count, do_sample=False, use_cache=True, pad_token_id=0)
-
-    _, seconds = _timed(lambda: run(new_tokens), max(1, repeats - 1))
-    _, first_token_s = _timed(lambda: run(1), max(1, repeats - 1))
-    rows = prompts.shape[0]
-    return {"time_to_first_token_s": round(first_token_s, 4),
-            "decode_tokens_per_s": round(rows * (new_tokens - 1) / (seconds - first_token_s), 1),
-            "end_to_end_tokens_per_s": round(rows * new_tokens / seconds, 1)}
+    }}
+    if torch_side:
+        first_s = median(t[0] for _, t in rounds)
+        rest_s = median(t[1] for _, t in rounds)
+        entry["torch"] = {"time_to_first_token_s": round(first_s, 4),
+                          "decode_tokens_per_s": round(decoded / rest_s, 1),
+                          "end_to_end_tokens_per_s": round(rows * new_tokens / (first_s + rest_s), 1)}
+        entry["speedup_vs_torch"] = round(median(t[1] / j[1] for j, t in rounds), 2)
+        entry["end_to_end_speedup_vs_torch"] = round(median(sum(t) / sum(j) for j, t in rounds), 2)
+    return entry
 
 
 def run(args) -> dict:
@@ -122,13 +158,8 @@ def run(args) -> dict:
         model = init(config, seed=0)
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
-            entry = {"preset": name, "batch": batch, "jax": measure_jax(model, prompts, args.new_tokens,
-                                                                        args.repeats)}
-            if not args.no_torch:
-                entry["torch"] = measure_torch(config, prompts, args.new_tokens, args.repeats)
-                ratio = lambda key: round(entry["jax"][key] / entry["torch"][key], 2)
-                entry["speedup_vs_torch"] = ratio("decode_tokens_per_s")
-                entry["end_to_end_speedup_vs_torch"] = ratio("end_to_end_tokens_per_s")
+            entry = {"preset": name, "batch": batch,
+                     **measure(config, model, prompts, args.new_tokens, args.repeats, torch=not args.no_torch)}
             if batch == 1:
                 context = args.prompt_len + args.new_tokens / 2
                 bound = bandwidth / bytes_per_token(config, context)

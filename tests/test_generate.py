@@ -257,3 +257,26 @@ def test_blocked_ffn_equals_reference_experts(block, weights_out_in):
     blocked = functools.partial(programs.blocked_ffn, block=block, weights_out_in=weights_out_in)
     got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, *stored)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_decode_reports_both_sides_and_the_bound():
+    """`bench decode` on a tiny preset: every documented number, the speedup is the ratio of
+    the two decode rates (one round: no median to differ), the bound ratio the bound over JAX's."""
+    import argparse
+
+    from mixtral_jax.infer import bench
+
+    args = argparse.Namespace(presets="tiny", batches="1,3", prompt_len=8, new_tokens=16, repeats=1, no_torch=False)
+    report = bench.run(args)
+    assert [(r["preset"], r["batch"]) for r in report["results"]] == [("tiny", 1), ("tiny", 3)]
+    for entry in report["results"]:
+        jax_side, torch_side = entry["jax"], entry["torch"]
+        assert set(jax_side) == {"compile_s", "time_to_first_token_s", "prefill_tokens_per_s",
+                                 "decode_tokens_per_s", "end_to_end_tokens_per_s"}
+        assert min(jax_side.values()) > 0 and min(torch_side.values()) > 0
+        ratio = jax_side["decode_tokens_per_s"] / torch_side["decode_tokens_per_s"]
+        assert entry["speedup_vs_torch"] == pytest.approx(ratio, rel=0.02, abs=0.01)
+    first = report["results"][0]
+    assert first["bound_ratio"] == pytest.approx(
+        first["bandwidth_bound_tokens_per_s"] / first["jax"]["decode_tokens_per_s"], rel=0.02)
+    assert "bound_ratio" not in report["results"][1]
