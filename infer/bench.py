@@ -74,17 +74,19 @@ class JaxGeneration:
         self.generator = generator = Generator(model, eos_ids=[-1])  # no EOS: every row runs to new_tokens
         self.batch = generator.prepare([Request(p.tolist(), new_tokens) for p in prompts])
         self.new_tokens = new_tokens
-        first = self.round()
-        warm = self.round()
-        self.compile_s = sum(first) - sum(warm)
-        state = generator.decode(generator.prefill(self.batch), self.batch, new_tokens)
+        *first, state = self._run()
         assert int(jnp.min(state.length[:len(prompts)])) == new_tokens
+        self.compile_s = sum(first) - sum(self.round())
+
+    def _run(self):
+        """(prefill seconds, decode seconds, the final DecodeState)."""
+        prefill_s, state = _timed(lambda: self.generator.prefill(self.batch))
+        decode_s, state = _timed(lambda: self.generator.decode(state, self.batch, self.new_tokens))  # donates state
+        return prefill_s, decode_s, state
 
     def round(self) -> tuple[float, float]:
         """(prefill seconds, decode seconds): a timed prefill, then the decode loop over its state."""
-        prefill_s, state = _timed(lambda: self.generator.prefill(self.batch))
-        decode_s, _ = _timed(lambda: self.generator.decode(state, self.batch, self.new_tokens))  # donates state
-        return prefill_s, decode_s
+        return self._run()[:2]
 
 
 class TorchGeneration:
@@ -123,9 +125,8 @@ def measure(config, model, prompts: np.ndarray, new_tokens: int, repeats: int, t
     jax_side = JaxGeneration(model, prompts, new_tokens)
     torch_side = TorchGeneration(config, prompts, new_tokens) if torch else None
     rounds = [(jax_side.round(), torch_side.round() if torch_side else None) for _ in range(repeats)]
-    median = lambda values: statistics.median(list(values))
-    prefill_s = median(j[0] for j, _ in rounds)
-    decode_s = median(j[1] for j, _ in rounds)
+    prefill_s = statistics.median(j[0] for j, _ in rounds)
+    decode_s = statistics.median(j[1] for j, _ in rounds)
     entry = {"jax": {
         "compile_s": round(jax_side.compile_s, 3),
         "time_to_first_token_s": round(prefill_s, 4),
@@ -134,13 +135,13 @@ def measure(config, model, prompts: np.ndarray, new_tokens: int, repeats: int, t
         "end_to_end_tokens_per_s": round(rows * new_tokens / (prefill_s + decode_s), 1),
     }}
     if torch_side:
-        first_s = median(t[0] for _, t in rounds)
-        rest_s = median(t[1] for _, t in rounds)
+        first_s = statistics.median(t[0] for _, t in rounds)
+        rest_s = statistics.median(t[1] for _, t in rounds)
         entry["torch"] = {"time_to_first_token_s": round(first_s, 4),
                           "decode_tokens_per_s": round(decoded / rest_s, 1),
                           "end_to_end_tokens_per_s": round(rows * new_tokens / (first_s + rest_s), 1)}
-        entry["speedup_vs_torch"] = round(median(t[1] / j[1] for j, t in rounds), 2)
-        entry["end_to_end_speedup_vs_torch"] = round(median(sum(t) / sum(j) for j, t in rounds), 2)
+        entry["speedup_vs_torch"] = round(statistics.median(t[1] / j[1] for j, t in rounds), 2)
+        entry["end_to_end_speedup_vs_torch"] = round(statistics.median(sum(t) / sum(j) for j, t in rounds), 2)
     return entry
 
 

@@ -207,21 +207,22 @@ def test_split_weights_restack_exactly_and_cheaply():
 
 
 def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4):
-    """The optimized HLO text of the decode loop for one prompt, and the generator's cache slots."""
+    """(the optimized HLO text of the decode loop for one prompt, whether the generator split
+    the weights, the shape of the cache's keys [L, B, S, K, H])."""
     generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
     batch = generator.prepare([Request(list(range(1, prompt_len + 1)), new_tokens)])
     state = generator.prefill(batch)
     hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler,
                                 new_tokens, experts_fn=generator.experts_fn, split=generator.split)
-    return hlo.compile().as_text(), state.cache.k.shape
+    return hlo.compile().as_text(), generator.split, state.cache.k.shape
 
 
 def test_cpu_decode_loop_copies_no_expert_weights():
     """XLA:CPU copies a weight sliced out of a stacked array before each matmul; the decode
     loop must read the split per-expert buffers in place instead."""
     config = mj.preset("tiny", moe_impl="grouped")
-    assert Generator(mj.init(config, seed=0)).split
-    hlo, _ = _compiled_decode(config)
+    hlo, split, _ = _compiled_decode(config)
+    assert split
     d, f = config.hidden_size, config.intermediate_size
     weight_shape = re.compile(rf"^\s*f32\[({d},{f}|{f},{d})\]")
     copies = [line for line in hlo.splitlines()
@@ -232,7 +233,7 @@ def test_cpu_decode_loop_copies_no_expert_weights():
 def test_decode_step_updates_the_cache_in_place():
     """Each decode step scatters its keys/values into the cache and attends to the cache as
     stored: no op rebuilds the whole cache (re-stacking layers) or a cache-plus-one copy."""
-    hlo, (layers, batch, slots, kv_heads, head_dim) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
+    hlo, _, (layers, batch, slots, kv_heads, head_dim) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
     whole = re.compile(rf"%(\S+) = f32\[{layers},{batch},{slots},{kv_heads},{head_dim}\]\S* ([\w-]+)\(")
     in_place = ("scatter", "dynamic-update-slice")
     rebuilt = [m.group(0) for m in whole.finditer(hlo)
