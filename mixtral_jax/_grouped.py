@@ -96,17 +96,22 @@ def _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)
     return jnp.where(grouped[:, None], y[:m], 0), gate_up
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _grouped(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _grouped(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows, precision):
     return _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)[0]
 
 
-def _grouped_fwd(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows):
+def _grouped_fwd(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows, precision):
     y, gate_up = _forward(x_sorted, group_sizes, w_gate, w_up, w_down, block_rows, tail_rows)
     return y, (x_sorted, group_sizes, w_gate, w_up, w_down, gate_up)
 
 
-def _grouped_bwd(block_rows, tail_rows, residuals, dy):
+def _grouped_bwd(block_rows, tail_rows, precision, residuals, dy):
+    with jax.default_matmul_precision(precision):  # the forward's, which JAX traces the backward outside of
+        return _backward(block_rows, tail_rows, residuals, dy)
+
+
+def _backward(block_rows, tail_rows, residuals, dy):
     x_sorted, group_sizes, w_gate, w_up, w_down, gate_up = residuals
     m, d = x_sorted.shape
     f = w_gate.shape[-1]
@@ -159,4 +164,6 @@ def grouped_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block_rows: int 
     """
     if not 0 < tail_rows <= block_rows:
         raise ValueError(f"need 0 < tail_rows <= block_rows, got {tail_rows} and {block_rows}")
-    return _grouped(x_sorted, group_sizes.astype(jnp.int32), w_gate, w_up, w_down, block_rows, tail_rows)
+    precision = jax.config.jax_default_matmul_precision  # the caller's, for the backward's matmuls too
+    return _grouped(x_sorted, group_sizes.astype(jnp.int32), w_gate, w_up, w_down, block_rows, tail_rows,
+                    precision)

@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "grouped", "ragged", "reference")
 AUX_LOSS_STYLES = ("pooled", "per_layer")
 REMAT_POLICIES = ("none", "full", "dots")
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ class MixtralConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    # float32 matmuls: "float32" is exact on every backend (GPUs would otherwise use
+    # TensorFloat-32 and TPUs one bfloat16 pass); bfloat16 inputs are unaffected
+    matmul_precision: Literal["float32", "tensorfloat32", "bfloat16", "default"] = "float32"
     tokenizer: str = "mistral-v1"  # a name from tokenizer.TOKENIZERS or a .model path
 
     def __post_init__(self):
@@ -91,7 +95,8 @@ class MixtralConfig:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
         choices = {"param_dtype": DTYPES, "dtype": DTYPES, "moe_impl": MOE_IMPLS,
-                   "aux_loss_style": AUX_LOSS_STYLES, "remat": REMAT_POLICIES}
+                   "aux_loss_style": AUX_LOSS_STYLES, "remat": REMAT_POLICIES,
+                   "matmul_precision": MATMUL_PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -186,7 +191,7 @@ class MixtralConfig:
 
 
 _OURS = frozenset({"router_z_loss_coef", "aux_loss_style", "moe_impl", "capacity_factor",
-                   "param_dtype", "dtype", "remat", "tokenizer"})
+                   "param_dtype", "dtype", "remat", "matmul_precision", "tokenizer"})
 
 
 # ---- presets ------------------------------------------------------------------------------

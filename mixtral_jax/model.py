@@ -83,6 +83,11 @@ class Mixtral(nnx.Module):
         unroll_layers: the layer loop unrolled (static per-layer slices, which XLA
         can forward from per-layer buffers: decoding on CPU copies no weights).
         """
+        with jax.default_matmul_precision(self.config.matmul_precision):  # read when the dots are traced
+            return self._forward(tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only,
+                                 unroll_layers)
+
+    def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
         config = self.config
         dtype = jnp.dtype(config.dtype)
         if positions is None:

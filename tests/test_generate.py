@@ -217,6 +217,7 @@ def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4):
     return hlo.compile().as_text(), generator.split, state.cache.k.shape
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="generation splits the weights on CPU only")
 def test_cpu_decode_loop_copies_no_expert_weights():
     """XLA:CPU copies a weight sliced out of a stacked array before each matmul; the decode
     loop must read the split per-expert buffers in place instead."""
@@ -238,7 +239,7 @@ def test_decode_step_updates_the_cache_in_place():
     in_place = ("scatter", "dynamic-update-slice")
     rebuilt = [m.group(0) for m in whole.finditer(hlo)
                if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
-               and not (m.group(2) == "fusion" and any(op in m.group(1) for op in in_place))]
+               and not (m.group(2) == "fusion" and any(op in m.group(1).replace("_", "-") for op in in_place))]
     assert not rebuilt, rebuilt[:2]
     assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
 

@@ -19,6 +19,7 @@ from mixtral_jax.config import from_section
     (dict(sliding_window=0), "sliding_window"),
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(moe_impl="magic"), "moe_impl must be one of"),
+    (dict(matmul_precision="fast"), "matmul_precision must be one of"),
     (dict(hidden_size=66, num_attention_heads=4), "not divisible by num_attention_heads"),
 ])
 def test_invalid_configs_fail_with_a_message_naming_the_field(changes, message):
@@ -132,6 +133,34 @@ def test_bfloat16_compute_with_float32_params():
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     reference = init(preset("tiny"), seed=0)(jnp.ones((1, 5), jnp.int32))
     np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every matmul (dot_general, ragged_dot...) in a jaxpr and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if "dot" in eqn.primitive.name:
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("moe_impl", ["reference", "grouped", "ragged"])
+def test_matmul_precision_reaches_every_matmul_of_the_forward_and_backward(moe_impl):
+    """float32 by default, so GPUs (TensorFloat-32) and TPUs (one bfloat16 pass) compute the
+    same float32 model as the CPU and transformers; the backward of the hand-written grouped
+    kernel, which JAX traces outside the forward, included."""
+    tokens = jnp.ones((1, 6), jnp.int32)
+    for setting, expected in [("float32", jax.lax.Precision.HIGHEST), ("default", jax.lax.Precision.DEFAULT)]:
+        graphdef, state = nnx.split(init(preset("tiny", moe_impl=moe_impl, matmul_precision=setting), seed=0))
+        loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens))
+        precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+        assert len(precisions) >= 20  # attention, router, experts, LM head; forward and backward
+        assert all(p in (expected, (expected, expected)) for p in precisions), (setting, set(precisions))
 
 
 def test_remat_policies_give_the_same_gradients():

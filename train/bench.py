@@ -147,7 +147,7 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
     for block in range(blocks):
         jax_block = [jax_step() for _ in range(_share(train.steps, blocks, block))]
         torch_block = [torch_step() for _ in range(_share(torch_steps, blocks, block))]
-        rate = matmul_flops_per_second(matmul_size, repeats=3)
+        rate = matmul_flops_per_second(matmul_size, config.dtype, repeats=3, precision=config.matmul_precision)
         jax_times += jax_block
         torch_times += torch_block
         per_block.append((statistics.median(jax_block), statistics.median(torch_block) if torch_block else None,

@@ -21,9 +21,17 @@ def median_seconds(fn, *args, warmup: int = 2, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def matmul_flops_per_second(size: int = 4096, dtype=jnp.float32, repeats: int = 5) -> float:
-    """The matmul rate JAX reaches here: a size x size x size product, FLOP/s (median)."""
+def matmul_flops_per_second(size: int = 4096, dtype=jnp.float32, repeats: int = 5,
+                            precision: str = "float32") -> float:
+    """The matmul rate JAX reaches here: a size x size x size product, FLOP/s (median), at a
+    model's compute dtype and `matmul_precision` (a GPU's TensorFloat-32 rate is several
+    times its float32 one)."""
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    matmul = jax.jit(jnp.matmul)
+
+    @jax.jit
+    def matmul(a, b):
+        with jax.default_matmul_precision(precision):
+            return a @ b
+
     return 2 * size**3 / median_seconds(matmul, a, b, repeats=repeats)
