@@ -77,8 +77,9 @@ def inference_experts_fn(config, rows: int, experts_fn=None, split: bool = False
         return experts_fn
     if impl != "grouped":
         return experts_fn_for(impl)
-    per_expert = lambda share: -(-share * rows * config.num_experts_per_tok // config.num_local_experts)
-    block_rows = per_expert(1) if per_expert(1) >= 8 else per_expert(2)
+    pairs, experts = rows * config.num_experts_per_tok, config.num_local_experts
+    mean = -(-pairs // experts)  # rows per expert, rounded up
+    block_rows = mean if mean >= 8 else -(-2 * pairs // experts)
     block = min(256, 1 << (block_rows - 1).bit_length())
     return sorted_experts(functools.partial(blocked_ffn, block=block, weights_out_in=split))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -28,10 +29,11 @@ def matmul_flops_per_second(size: int = 4096, dtype=jnp.float32, repeats: int = 
     times its float32 one)."""
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-
-    @jax.jit
-    def matmul(a, b):
-        with jax.default_matmul_precision(precision):
-            return a @ b
-
+    matmul = functools.partial(_matmul, precision=precision)
     return 2 * size**3 / median_seconds(matmul, a, b, repeats=repeats)
+
+
+@functools.partial(jax.jit, static_argnames="precision")
+def _matmul(a, b, precision: str):
+    with jax.default_matmul_precision(precision):
+        return a @ b
