@@ -23,7 +23,7 @@ def spec_table(config) -> dict:
     """{param path: {"shape", "spec"}} of a preset's parameters in the parameter view (no memory)."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
     model = sharding.abstract_model(config, mesh)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {"/".join(str(k.key) for k in path): {"shape": list(leaf.shape),
                                                  "spec": [list(a) if isinstance(a, tuple) else a
@@ -119,7 +119,7 @@ def test_shard_batch_and_param_shardings():
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), rows)
     assert batch["weights"].shape == (8,)
     abstract = sharding.abstract_model(mixtral_jax.preset("tiny"), mesh)
-    shardings = sharding.param_shardings(abstract, mesh).to_pure_dict()
+    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
     assert shardings["lm_head"].spec == P("fsdp", "tensor")
 
 

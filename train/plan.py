@@ -53,7 +53,7 @@ def plan_training(config: MixtralConfig, mesh: Mesh, train_cfg) -> dict:
     check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
     optimizer = make_optimizer(train_cfg)
     graphdef, params = nnx.split(abstract_model(config, mesh))
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     shardings = state_shardings(jax.tree.map(lambda a: a.sharding, params), optimizer, params, mesh)
     state = _with_shardings(jax.eval_shape(lambda p: init_state(p, optimizer, 0), params), shardings)
     rows = batch_sharding(mesh)
