@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, param
+from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, dense, param
 from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balancing_loss, router_z_loss
 
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
@@ -111,7 +111,7 @@ class Mixtral(nnx.Module):
         layer_index = jnp.arange(config.num_hidden_layers)
         (x, cache), aux = jax.lax.scan(layer_step, (x, cache), (layer_state, layer_index), unroll=unroll_layers)
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype)).astype(jnp.float32)
+        logits = dense(x, self.lm_head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
         return ModelOutput(logits, aux, cache)
 
     def aux_loss(self, aux: MoEAux):
