@@ -10,7 +10,6 @@ Einsum letters used throughout the model:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -111,37 +110,29 @@ class KVCache(NamedTuple):
                        self.pos.at[index, rows, slots].set(positions, mode="drop"))
 
 
+@jax.custom_jvp
 def dense(x, w):
-    """x [..., D] @ w [D, O] -> [..., O], with the backward written out.
+    """x [..., D] @ w [D, O] -> [..., O], differentiated so that the weight gradient
+    is x^T [D, N] @ g [N, O] (N: the leading dims of x, flattened).
 
-    Its weight gradient is x^T [D, N] @ g [N, O] (N: the leading dims of x,
-    flattened). Left to autodiff, XLA:CPU transposes the output gradient g
-    instead, which for the LM head (g is [B, T, V]: 262 MB in bench-small) made
-    a training step 1.09x slower (bench-tiny 1.14x); the gradients are the same
-    bits. The backward applies the matmul precision in effect here (JAX traces
-    it outside the caller's `jax.default_matmul_precision`).
+    Left to autodiff, XLA:CPU transposes the output gradient g for the weight
+    gradient instead; for the LM head (g is [B, T, V]: 262 MB in bench-small)
+    that made a training step 1.09x slower (bench-tiny 1.14x). The gradients
+    are the same bits. A JVP rule rather than a VJP, so forward-mode
+    (jax.jvp, Hessian-vector products) still works.
     """
-    return _dense(x, w, jax.config.jax_default_matmul_precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x, w, precision):
     return jnp.einsum("...d,do->...o", x, w)
 
 
-def _dense_fwd(x, w, precision):
-    return _dense(x, w, precision), (x, w)
-
-
-def _dense_bwd(precision, residuals, g):
-    x, w = residuals
-    with jax.default_matmul_precision(precision):
-        dx = jnp.einsum("...o,do->...d", g, w)
-        x_t = x.reshape(-1, x.shape[-1]).T  # [D, N]: a copy of the smaller operand
-        return dx, jnp.dot(x_t, g.reshape(-1, g.shape[-1])).astype(w.dtype)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
+@dense.defjvp
+def _dense_jvp(primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    out = dense(x, w)
+    x_t = x.reshape(-1, x.shape[-1]).T  # [D, N]
+    # the weight term as x_t^T dw: its transpose, the weight gradient, is then x_t @ g
+    dw_term = jax.lax.dot_general(x_t, dw, (((0,), (0,)), ((), ()))).reshape(out.shape)
+    return out, jnp.einsum("...d,do->...o", dx, w) + dw_term
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, q_segment=None, k_segment=None):
