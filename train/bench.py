@@ -42,7 +42,10 @@ def add_arguments(parser):
 
 
 def run(args) -> dict:
+    from mixtral_jax.allocator import reuse_freed_memory
     from mixtral_jax.train.config import load_run_config
+
+    reuse_freed_memory()  # as `mixtral-jax train` does; process-wide, so transformers' steps run with it too
 
     if (args.torch_steps or 0) < 0 or args.blocks < 1 or args.matmul_size < 1:
         raise UserError("--torch-steps must be >= 0, --blocks and --matmul-size positive")
