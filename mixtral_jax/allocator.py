@@ -9,8 +9,8 @@ in the heap and the faults are gone. The price: resident memory never falls
 from its peak, and sits above it by what the heap cannot reuse (+21% on the
 default training run).
 
-`mixtral-jax train` and `bench train` call `reuse_freed_memory()` before JAX
-starts; generation gains nothing from it (its decode loop allocates little)
+On a CPU backend, `mixtral-jax train` and `bench train` call
+`reuse_freed_memory()` before JAX starts; generation gains nothing from it (its decode loop allocates little)
 and is left alone. In your own process, call it first thing: threads that
 already have an arena keep it.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import pkgutil
 import platform
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -28,13 +29,24 @@ _M_ARENA_MAX = -8
 OPT_OUT = "MIXTRAL_JAX_SYSTEM_MALLOC"  # set to 1 to leave glibc's defaults alone
 
 
+def runs_on_cpu() -> bool:
+    """Whether JAX will compute on the CPU, judged without starting it (which would be too
+    late to change malloc): JAX_PLATFORMS says cpu, or no GPU/TPU plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    accelerator = ("jax_cuda", "jax_rocm", "libtpu", "jax_plugins")
+    return not any(module.name.startswith(accelerator) for module in pkgutil.iter_modules())
+
+
 def reuse_freed_memory() -> bool:
     """Tells glibc's malloc to keep freed memory mapped (one arena, no mmap, no trim).
 
-    Returns whether it applied: False off glibc, or when the environment sets
-    MIXTRAL_JAX_SYSTEM_MALLOC=1.
+    Returns whether it applied: only with glibc, when JAX runs on the CPU (an
+    accelerator's steps allocate little host memory), and unless the
+    environment sets MIXTRAL_JAX_SYSTEM_MALLOC=1.
     """
-    if os.environ.get(OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc" or not runs_on_cpu():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))

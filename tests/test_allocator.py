@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from mixtral_jax.allocator import reuse_freed_memory, runs_on_cpu
+
 # Returns a fresh 64 MB buffer per call, freed at once; prints the page faults of the last calls.
 SCRIPT = """
 import json, resource, statistics
@@ -40,3 +42,18 @@ def test_freed_buffers_are_reused_without_page_faults_unless_opted_out():
     assert kept["applied"] and not system["applied"]
     assert system["faults"] > system["pages"] / 2  # glibc maps and unmaps each buffer anew
     assert kept["faults"] < kept["pages"] / 20
+
+
+def test_only_a_cpu_backend_gets_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not runs_on_cpu() and not reuse_freed_memory()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    (tmp_path / "some_package").mkdir()
+    (tmp_path / "some_package" / "__init__.py").write_text("")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])  # JAX with no accelerator plugin
+    assert runs_on_cpu()
+    (tmp_path / "jax_cuda12_plugin").mkdir()
+    (tmp_path / "jax_cuda12_plugin" / "__init__.py").write_text("")
+    assert not runs_on_cpu()
