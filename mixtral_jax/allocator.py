@@ -10,9 +10,9 @@ from its peak, and sits above it by what the heap cannot reuse (+21% on the
 default training run).
 
 On a CPU backend, `mixtral-jax train` and `bench train` call
-`reuse_freed_memory()` before JAX starts; generation gains nothing from it (its decode loop allocates little)
-and is left alone. In your own process, call it first thing: threads that
-already have an arena keep it.
+`reuse_freed_memory()` before JAX starts; generation gains nothing from it
+(its decode loop allocates little) and is left alone. In your own process,
+call it first thing: threads that already have an arena keep it.
 """
 
 from __future__ import annotations
