@@ -6,11 +6,14 @@ useful work). Here a loop over the experts takes each expert's weights once
 copy is paid per expert, not per block) and runs its group of rows as
 ordinary matmuls on fixed-size blocks, in inner loops with dynamic trip
 counts, so only blocks that hold rows run. A group's head is whole R-row
-blocks; its tail (fewer than R rows) is covered by r-row blocks, whose last
-one may run past the group's end into the next groups' rows, which are
-written later, when their experts' turns come. So at most r - 1 rows per
-expert are wasted work. The gate and up projections run as one matmul
-against the expert's [D, 2F] concatenation.
+blocks; the rest (fewer than R rows) takes at most one block each of R/2,
+R/4, ... rows down to r, greedily, and what is left after those (fewer than
+2r rows) is covered by r-row blocks, whose last one may run past the group's
+end into the next groups' rows, which are written later, when their experts'
+turns come. So at most r - 1 rows per expert are wasted work (bench-tiny's
+MoE layer, ~128 rows per expert: 1.15x faster than with 64-row tail blocks).
+The gate and up projections run as one matmul against the expert's [D, 2F]
+concatenation.
 
 The backward pass walks the same blocks with the spilled rows masked out and
 sums each expert's weight gradients in the loop's carry, storing them once
@@ -19,7 +22,7 @@ dynamic trip count is not reverse-differentiable. The gate and up
 pre-activations are saved for it (measured: cheaper than recomputing them).
 
 Letters: M sorted rows (tokens x top-k), D model dim, F expert ffn dim,
-E experts, R rows per head block, r rows per tail block.
+E experts, R rows per head block, r rows per smallest block.
 """
 
 from __future__ import annotations
@@ -30,28 +33,29 @@ import jax
 import jax.numpy as jnp
 
 BLOCK_ROWS = 256  # rows per block of a group's head (R); see `mixtral-jax bench moe`
-TAIL_ROWS = 64  # rows per block of a group's tail (r < R): bounds the wasted rows per expert
+TAIL_ROWS = 16  # rows of a group's last block (r <= R): bounds the wasted rows per expert
 
 
 def _for_each_expert(group_sizes, num_rows: int, block_rows: int, tail_rows: int, expert_body, carry):
     """carry = expert_body(e, run_blocks, carry) for e = 0 .. E - 1, in order.
 
     run_blocks(block_body, carry) runs carry = block_body(block, first_row,
-    group_end, carry) over expert e's head blocks, then its tail blocks.
+    group_end, carry) over expert e's head blocks, the halved ones, then its r-row blocks.
     """
     starts = jnp.cumsum(group_sizes) - group_sizes  # [E] first row of each group
+    halvings = [block_rows >> i for i in range(block_rows.bit_length()) if (block_rows >> i) >= tail_rows]
+    exact = [block for block in halvings if block <= num_rows]  # a larger block fits no group
 
     def expert_step(e, carry):
         start, size = starts[e], group_sizes[e]
-        head = size // block_rows * block_rows
 
         def run_blocks(block_body, carry):
-            passes = [(start + head, size - head, tail_rows)]
-            if block_rows <= num_rows:  # else no group fills a head block
-                passes.insert(0, (start, head, block_rows))
-            for first, rows, block in passes:
+            first, rest = start, size
+            for block, ceil in [(block, False) for block in exact] + [(tail_rows, True)]:
+                count = (rest + block - 1) // block if ceil else rest // block
                 step = lambda b, c, first=first, block=block: block_body(block, first + b * block, start + size, c)
-                carry = jax.lax.fori_loop(0, (rows + block - 1) // block, step, carry)
+                carry = jax.lax.fori_loop(0, count, step, carry)
+                first, rest = first + count * block, rest - count * block
             return carry
 
         return expert_body(e, run_blocks, carry)

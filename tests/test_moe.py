@@ -11,6 +11,7 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import moe
+from mixtral_jax import _grouped
 from mixtral_jax._grouped import grouped_ffn
 from mixtral_jax.benchmarks import compile as compile_bench
 from mixtral_jax.benchmarks import moe as moe_bench
@@ -49,7 +50,8 @@ ROUTINGS = {  # name -> expert_idx [N, 2] from the random top-2 choice; a repeat
 }
 BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
     "small": (8, 3),  # every group has a head and a tail; tails spill into the next groups
-    "default": (256, 64),  # heads empty (every group is shorter than a block), one tail block > M
+    "uneven": (12, 5),  # halvings 12, 6, then up to two 5-row blocks
+    "default": (256, 16),  # heads and halvings over M left out (every group is shorter)
 }
 
 
@@ -204,3 +206,25 @@ def test_bench_compile_reports_both_depths(monkeypatch):
     assert compiled == [2, 2, 32, 2, 32]  # a warm-up, then the depths alternate
     assert report["layers"] == [2, 32] and report["seconds"] == [2.0, 32.0]
     assert report["ratio"] == 16.0 and report["moe_impl"] == "reference"
+
+
+@pytest.mark.parametrize("blocks", [(256, 16), (12, 5)])
+def test_grouped_blocks_cover_each_row_once_and_waste_under_r_rows(blocks):
+    block_rows, tail_rows = blocks
+    group_sizes = jnp.array([0, 1, 15, 16, 17, 255, 300, 90], jnp.int32)
+    m = int(group_sizes.sum())
+
+    def expert_body(e, run_blocks, carry):
+        def block_body(block, first, end, carry):
+            rows_run, cover = carry
+            rows = first + jnp.arange(block)
+            return rows_run.at[e].add(block), cover.at[rows].add((rows < end).astype(jnp.int32))
+
+        return run_blocks(block_body, carry)
+
+    init = (jnp.zeros(E, jnp.int32), jnp.zeros(m + tail_rows, jnp.int32))
+    rows_run, cover = jit(lambda sizes: _grouped._for_each_expert(sizes, m, block_rows, tail_rows, expert_body,
+                                                                   init))(group_sizes)
+    np.testing.assert_array_equal(cover, np.r_[np.ones(m), np.zeros(tail_rows)])  # in-group rows once each
+    waste = np.asarray(rows_run - group_sizes)
+    assert waste.min() >= 0 and waste.max() < tail_rows, waste
