@@ -15,7 +15,7 @@ from mixtral_jax.configtools import UserError
 from mixtral_jax.train.config import TrainConfig, load_run_config
 from mixtral_jax.train.main import train
 from mixtral_jax.train.metrics import read_metrics
-from mixtral_jax.train.optim import decay_mask, learning_rate, make_optimizer
+from mixtral_jax.train.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
 from mixtral_jax.train.step import init_state, make_train_step
 
 
@@ -97,6 +97,18 @@ def test_weight_decay_leaves_norm_scales_alone():
     np.testing.assert_array_equal(new["norm"]["weight"], 2.0)
     np.testing.assert_allclose(new["embed"], 2.0 * (1 - 0.1 * 0.5), rtol=1e-6)
     np.testing.assert_allclose(new["layers"]["moe"]["router"], 2.0 * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 5.0])  # the gradients' global norm is 3
+def test_clipping_scales_to_the_max_norm_like_optax(max_norm):
+    grads = {"a": jnp.array([1.0, -2.0]), "b": {"c": jnp.array([[2.0]])}}
+    ours, _ = jax.jit(clip_by_global_norm(max_norm).update)(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    assert float(optax.tree.norm(ours)) == pytest.approx(min(max_norm, 3.0), rel=1e-6)
+    for mine, ref in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(mine, ref, rtol=1e-6)
+    if max_norm > 3.0:
+        jax.tree.map(np.testing.assert_array_equal, ours, grads)  # under the limit: untouched
 
 
 def test_loss_falls_on_a_repeated_batch_with_bfloat16_compute():

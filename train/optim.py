@@ -4,6 +4,7 @@ global-norm clipping, and weight decay on every weight except the RMSNorm scales
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mixtral_jax.train.config import TrainConfig
@@ -38,6 +39,24 @@ def decay_mask(params) -> dict:
     return jax.tree.map_with_path(decayed, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales the gradients by min(1, max_norm / global norm), as torch's `clip_grad_norm_` does.
+
+    `optax.clip_by_global_norm` gives the same values (up to rounding when it
+    clips) but selects per element between g and g / norm * max_norm, which
+    XLA:CPU materialises as a clipped copy that the moment updates then read
+    beside the original: 2% of a bench-tiny step. One scalar factor fuses
+    into the readers of g instead.
+    """
+
+    def scale(grads, params=None):
+        norm = optax.tree.norm(grads)
+        factor = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+
+    return optax.stateless(scale)
+
+
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """Clip by global norm (when train.clip > 0), then AdamW with the learning-rate schedule.
 
@@ -48,4 +67,4 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
                         weight_decay=train.weight_decay, mask=decay_mask)
     if train.clip == 0:
         return adamw
-    return optax.chain(optax.clip_by_global_norm(train.clip), adamw)
+    return optax.chain(clip_by_global_norm(train.clip), adamw)
