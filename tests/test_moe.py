@@ -15,6 +15,7 @@ from mixtral_jax import _grouped
 from mixtral_jax._grouped import grouped_ffn
 from mixtral_jax.benchmarks import compile as compile_bench
 from mixtral_jax.benchmarks import moe as moe_bench
+from mixtral_jax.benchmarks import timing
 
 # Tiny programs need no optimised machine code: this halves their compile time.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -190,6 +191,14 @@ def test_bench_moe_reports_every_documented_key():
                 "reference_ratio_vs_dense_active", "ragged_seconds", "ragged_ratio_vs_dense_active"):
         assert report[key] > 0, key
     assert report["ratio_vs_dense_active"] == report["fast_seconds"] / report["dense_active_seconds"]
+
+
+def test_alternating_seconds_runs_the_calls_in_turn():
+    order = []
+    calls = {name: functools.partial(order.append, name) for name in ("a", "b")}
+    times = timing.alternating_seconds(calls, warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    assert timing.median_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # the per-round ratios 2, 3, 3
 
 
 def test_compile_seconds_of_a_one_layer_model():

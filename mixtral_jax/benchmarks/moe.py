@@ -2,8 +2,9 @@
 
 Everything is timed as forward + backward (gradients with respect to the
 input and every weight) of one MoE layer, router, dispatch and combine
-included. The dense baseline is one SwiGLU FFN of width top_k x ffn: the
-matmul FLOPs a token's active experts cost. Goal on CPU:
+included. The cases alternate in rounds; times are medians, ratios medians
+of the per-round ratios. The dense baseline is one SwiGLU FFN of width top_k
+x ffn: the matmul FLOPs a token's active experts cost. Goal on CPU:
 `ratio_vs_dense_active` <= 1.3; the reference (every expert on every token)
 costs about experts / top_k times the dense one.
 
@@ -13,13 +14,16 @@ expert-parallel one in `mixtral_jax.sharding` times itself on the same inputs).
 
 from __future__ import annotations
 
+import functools
+import statistics
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mixtral_jax import moe
-from mixtral_jax.benchmarks.timing import median_seconds
+from mixtral_jax.benchmarks.timing import alternating_seconds, median_ratio, median_seconds
 from mixtral_jax.configtools import UserError
 
 IMPLS = ("grouped", "reference", "ragged")  # the single-device paths, by `moe_impl` name
@@ -55,18 +59,23 @@ def moe_case(tokens: int, dim: int, ffn: int, experts: int, top_k: int, dtype="f
     return graphdef, state, _normal(rng, (1, tokens, dim), 1.0, dtype)
 
 
-def time_moe(experts_fn: moe.ExpertsFn, graphdef, state, x, repeats: int) -> float:
-    """Median seconds of forward + backward of the MoE layer with this expert path."""
+def moe_grad(experts_fn: moe.ExpertsFn, graphdef):
+    """jit(grad) with respect to (state, x) of the MoE layer with this expert path."""
 
     def loss(state, x):
         y, _ = nnx.merge(graphdef, state)(x, experts_fn)
         return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-    return median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), state, x, repeats=repeats)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def time_dense(dim: int, ffn: int, x, repeats: int, seed: int = 0) -> float:
-    """Median seconds of forward + backward of one SwiGLU FFN of width `ffn`."""
+def time_moe(experts_fn: moe.ExpertsFn, graphdef, state, x, repeats: int) -> float:
+    """Median seconds of forward + backward of the MoE layer with this expert path."""
+    return median_seconds(moe_grad(experts_fn, graphdef), state, x, repeats=repeats)
+
+
+def dense_case(dim: int, ffn: int, x, seed: int = 0):
+    """(jit(grad) with respect to (weights, x), weights) of one SwiGLU FFN of width `ffn`."""
     rng = np.random.default_rng(seed)
     weights = [_normal(rng, shape, shape[0] ** -0.5, x.dtype) for shape in ((dim, ffn), (dim, ffn), (ffn, dim))]
 
@@ -74,7 +83,7 @@ def time_dense(dim: int, ffn: int, x, repeats: int, seed: int = 0) -> float:
         y = moe.swiglu(x.reshape(-1, dim), *weights)
         return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-    return median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), weights, x, repeats=repeats)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), weights
 
 
 def run(args) -> dict:
@@ -87,19 +96,23 @@ def run(args) -> dict:
     if args.top_k > args.experts:
         raise UserError(f"--top-k ({args.top_k}) exceeds --experts ({args.experts})")
     graphdef, state, x = moe_case(args.tokens, args.dim, args.ffn, args.experts, args.top_k, args.dtype)
-    dense = time_dense(args.dim, args.top_k * args.ffn, x, args.repeats)
-    seconds = {impl: time_moe(moe.experts_fn_for(impl), graphdef, state, x, args.repeats)
-               for impl in IMPLS}
+    dense_grad, dense_weights = dense_case(args.dim, args.top_k * args.ffn, x)
+    calls = {"dense": functools.partial(dense_grad, dense_weights, x)}
+    calls.update({impl: functools.partial(moe_grad(moe.experts_fn_for(impl), graphdef), state, x)
+                  for impl in IMPLS})
+    times = alternating_seconds(calls, repeats=args.repeats)
+    median = {name: statistics.median(series) for name, series in times.items()}
+    ratio = {impl: median_ratio(times[impl], times["dense"]) for impl in IMPLS}
     report = {
         "tokens": args.tokens, "dim": args.dim, "ffn": args.ffn, "experts": args.experts,
         "top_k": args.top_k, "dtype": args.dtype, "backend": jax.default_backend(),
-        "dense_active_seconds": dense,
-        "fast_seconds": seconds["grouped"],
-        "ratio_vs_dense_active": seconds["grouped"] / dense,
-        "reference_seconds": seconds["reference"],
-        "reference_ratio_vs_dense_active": seconds["reference"] / dense,
-        "ragged_seconds": seconds["ragged"],
-        "ragged_ratio_vs_dense_active": seconds["ragged"] / dense,
+        "dense_active_seconds": median["dense"],
+        "fast_seconds": median["grouped"],
+        "ratio_vs_dense_active": ratio["grouped"],
+        "reference_seconds": median["reference"],
+        "reference_ratio_vs_dense_active": ratio["reference"],
+        "ragged_seconds": median["ragged"],
+        "ragged_ratio_vs_dense_active": ratio["ragged"],
     }
     if args.expert_parallel:
         from mixtral_jax.sharding.bench import expert_parallel_case

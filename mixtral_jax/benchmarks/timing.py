@@ -22,6 +22,27 @@ def median_seconds(fn, *args, warmup: int = 2, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
+def alternating_seconds(calls: dict, warmup: int = 2, repeats: int = 7) -> dict[str, list[float]]:
+    """Wall times of each `calls[name]()` (blocked until ready) over `repeats` rounds that run
+    every call once in turn, after `warmup` untimed rounds: a load change on a shared machine
+    then hits all of them alike. Returns {name: [seconds per round]}."""
+    for _ in range(warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the per-round ratios of two `alternating_seconds` series."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
+
+
 def matmul_flops_per_second(size: int = 4096, dtype=jnp.float32, repeats: int = 5,
                             precision: str = "float32") -> float:
     """The matmul rate JAX reaches here: a size x size x size product, FLOP/s (median), at a
