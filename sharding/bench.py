@@ -3,7 +3,8 @@ with experts spread over a simulated mesh (shard_map + all_to_all), against the 
 layer on one device, and the bytes its all_to_alls move.
 
 The simulated devices share this machine's cores, so the ratio measures the
-overhead of dispatch, buffers and collectives, not a speed-up. Needs its own
+overhead of dispatch, buffers and collectives, not a speed-up. The two
+layers alternate in rounds; the ratio is the median of per-round ratios. Needs its own
 process (the device count is fixed when JAX starts): `expert_parallel_case`
 starts one; `python -m mixtral_jax.sharding.bench '{"tokens": 4096, ...}'` is that process.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -54,34 +56,43 @@ def _measure(tokens, dim, ffn, experts, top_k, dtype, repeats, expert, data, cap
     from flax import nnx
 
     from mixtral_jax import moe, sharding
-    from mixtral_jax.benchmarks.moe import moe_case, time_moe
+    from mixtral_jax.benchmarks.moe import moe_case, moe_grad
+    from mixtral_jax.benchmarks.timing import alternating_seconds, median_ratio
     from mixtral_jax.config import MixtralConfig
 
     graphdef, state, x = moe_case(tokens, dim, ffn, experts, top_k, dtype)
-    single = time_moe(moe.experts_fn_for("grouped"), graphdef, state, x, repeats)
+    single_grad = moe_grad(moe.experts_fn_for("grouped"), graphdef)
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=data, expert=expert))
     config = MixtralConfig(hidden_size=dim, intermediate_size=ffn, num_local_experts=experts,
                            num_experts_per_tok=top_k, capacity_factor=capacity_factor, moe_impl="grouped")
     experts_fn = sharding.experts_fn(mesh, config)
-    state = jax.device_put(state, sharding.param_shardings(state, mesh))
-    x = jax.device_put(x.reshape(-1, 1, dim), sharding.batch_sharding(mesh, 3))  # [N, 1, D]: tokens as rows
+    ep_state = jax.device_put(state, sharding.param_shardings(state, mesh))
+    ep_x = jax.device_put(x.reshape(-1, 1, dim), sharding.batch_sharding(mesh, 3))  # [N, 1, D]: tokens as rows
+    ep_grad = moe_grad(experts_fn, graphdef)
+
+    def expert_parallel():
+        with sharding.use_mesh(mesh):
+            return ep_grad(ep_state, ep_x)
+
+    times = alternating_seconds({"single": lambda: single_grad(state, x), "parallel": expert_parallel},
+                                repeats=repeats)
 
     def loss(state, x):
         y, aux = nnx.merge(graphdef, state)(x, experts_fn)
         return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32))), aux.dropped_fraction
 
     with sharding.use_mesh(mesh):
-        seconds = time_moe(experts_fn, graphdef, state, x, repeats)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        count, moved = all_to_all_bytes(grad.lower(state, x).compile().as_text())
-        dropped = float(grad(state, x)[1])
+        count, moved = all_to_all_bytes(grad.lower(ep_state, ep_x).compile().as_text())
+        dropped = float(grad(ep_state, ep_x)[1])
     local = tokens // (data * expert)
     return {
         "mesh": dict(mesh.shape), "capacity_factor": capacity_factor,
         "capacity": sharding.capacity(local, top_k, experts, capacity_factor),
-        "expert_parallel_seconds": seconds, "single_device_seconds": single,
-        "ratio_vs_single_device": seconds / single,
+        "expert_parallel_seconds": statistics.median(times["parallel"]),
+        "single_device_seconds": statistics.median(times["single"]),
+        "ratio_vs_single_device": median_ratio(times["parallel"], times["single"]),
         "all_to_all_ops": count,  # forward dispatch + combine and their transposes
         "all_to_all_bytes_per_device": moved,  # buffers each device hands to all_to_all per step
         "all_to_all_bytes_leaving_device": moved * (expert - 1) // expert,

@@ -8,7 +8,7 @@ x ffn: the matmul FLOPs a token's active experts cost. Goal on CPU:
 `ratio_vs_dense_active` <= 1.3; the reference (every expert on every token)
 costs about experts / top_k times the dense one.
 
-`moe_case` and `time_moe` are the hook for other expert paths (the
+`moe_case` and `moe_grad` are the hook for other expert paths (the
 expert-parallel one in `mixtral_jax.sharding` times itself on the same inputs).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import moe
-from mixtral_jax.benchmarks.timing import alternating_seconds, median_ratio, median_seconds
+from mixtral_jax.benchmarks.timing import alternating_seconds, median_ratio
 from mixtral_jax.configtools import UserError
 
 IMPLS = ("grouped", "reference", "ragged")  # the single-device paths, by `moe_impl` name
@@ -67,11 +67,6 @@ def moe_grad(experts_fn: moe.ExpertsFn, graphdef):
         return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
-def time_moe(experts_fn: moe.ExpertsFn, graphdef, state, x, repeats: int) -> float:
-    """Median seconds of forward + backward of the MoE layer with this expert path."""
-    return median_seconds(moe_grad(experts_fn, graphdef), state, x, repeats=repeats)
 
 
 def dense_case(dim: int, ffn: int, x, seed: int = 0):
