@@ -2,11 +2,11 @@
 with experts spread over a simulated mesh (shard_map + all_to_all), against the same
 layer on one device, and the bytes its all_to_alls move.
 
-The simulated devices share this machine's cores, so the ratio measures the
-overhead of dispatch, buffers and collectives, not a speed-up. The two
-layers alternate in rounds; the ratio is the median of per-round ratios. Needs its own
-process (the device count is fixed when JAX starts): `expert_parallel_case`
-starts one; `python -m mixtral_jax.sharding.bench '{"tokens": 4096, ...}'` is that process.
+The simulated devices share this machine's cores, so the ratio measures the overhead of
+dispatch, buffers and collectives, not a speed-up. The two layers alternate in rounds;
+the ratio is the median of per-round ratios. Needs its own process (the device count is
+fixed when JAX starts): `expert_parallel_case` starts one; `python -m
+mixtral_jax.sharding.bench '{"tokens": 4096, ...}'` is that process.
 """
 
 from __future__ import annotations
