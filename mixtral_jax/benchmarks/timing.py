@@ -12,14 +12,8 @@ import jax.numpy as jnp
 
 def median_seconds(fn, *args, warmup: int = 2, repeats: int = 7) -> float:
     """Median wall time of `fn(*args)` (blocked until ready) after `warmup` untimed calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = alternating_seconds({"fn": functools.partial(fn, *args)}, warmup=warmup, repeats=repeats)
+    return statistics.median(times["fn"])
 
 
 def alternating_seconds(calls: dict, warmup: int = 2, repeats: int = 7) -> dict[str, list[float]]:
