@@ -111,6 +111,15 @@ def test_clipping_scales_to_the_max_norm_like_optax(max_norm):
         jax.tree.map(np.testing.assert_array_equal, ours, grads)  # under the limit: untouched
 
 
+def test_clipping_uses_the_norm_the_caller_passes():
+    grads = {"a": jnp.array([3.0, 4.0])}  # norm 5
+    clip = clip_by_global_norm(1.0)
+    given, _ = clip.update(grads, optax.EmptyState(), global_norm=jnp.float32(10.0))
+    np.testing.assert_allclose(given["a"], [0.3, 0.4], rtol=1e-6)  # scaled by 1 / 10, not 1 / 5
+    computed, _ = clip.update(grads, optax.EmptyState())
+    np.testing.assert_allclose(computed["a"], [0.6, 0.8], rtol=1e-6)
+
+
 def test_loss_falls_on_a_repeated_batch_with_bfloat16_compute():
     config = mj.preset("tiny", dtype="bfloat16")
     graphdef, params = nnx.split(mj.init(config, seed=0))

@@ -72,12 +72,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
     loader's dict of [B, T] global arrays. metrics: loss (cross-entropy),
     aux_loss (load balancing, unscaled; top_k when balanced), z_loss, grad_norm,
     lr, expert_load [L, E], dropped_fraction, finite (1.0, or 0.0 when the
-    update was discarded). shardings / batch_sharding / metrics_sharding: where
-    the state, the batch and the metrics live (None: wherever the inputs are).
+    update was discarded). The optimizer's update gets the gradients' global
+    norm as `global_norm=` (`optim.clip_by_global_norm` reads it; transforms
+    that take no extra arguments never see it). shardings / batch_sharding /
+    metrics_sharding: where the state, the batch and the metrics live (None:
+    wherever the inputs are).
     Trace and call it under `sharding.use_mesh(mesh)`.
     """
     count = train_cfg.grad_accum
     schedule = learning_rate(train_cfg)
+    optimizer = optax.with_extra_args_support(optimizer)
 
     def micro_step(params, micro, num_loss_tokens):
         def loss_fn(params):
@@ -108,7 +112,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(grads, opt_state, params, global_norm=grad_norm)
             return optax.apply_updates(params, updates), opt_state
 
         # a branch, not a select: the update runs in place, and only when it is kept
