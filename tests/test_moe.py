@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax
-from mixtral_jax import moe
-from mixtral_jax import _grouped
+from mixtral_jax import _grouped, moe
 from mixtral_jax._grouped import grouped_ffn
 from mixtral_jax.benchmarks import compile as compile_bench
 from mixtral_jax.benchmarks import moe as moe_bench
