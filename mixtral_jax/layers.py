@@ -198,5 +198,8 @@ class Attention(nnx.Module):
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32) * h ** -0.5
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(self.dtype)), cache
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n * h)
+        # one contracted dim, not (n, h): with two, XLA:CPU may order them (h, n) to suit the
+        # attention output's layout and then copies the whole weight to match, every decode step
+        o = self.o[...].astype(self.dtype)
+        return out @ o.reshape(n * h, o.shape[-1]), cache
