@@ -74,9 +74,12 @@ class KVCache(NamedTuple):
     """The key/value cache of every layer, carried through the decoder's layer loop
     and updated in place (a loop over decode steps never copies it whole).
 
-    k, v: [L, B, S, K, H]; pos: [L, B, S] int32, the position held in each slot,
-    -1 for an empty slot. A rolling (sliding-window) cache has S = window and
-    stores position p in slot p % S; a full cache has S >= every position.
+    k, v: [L, B, K, H, S], slots minor: XLA:CPU then runs a decode step's
+    scores and weighted sum on the cache mostly as stored (with slots before
+    the heads it copied every layer's keys and values transposed, every step).
+    pos: [L, B, S] int32, the position held in each slot, -1 for an empty slot.
+    A rolling (sliding-window) cache has S = window and stores position p in
+    slot p % S; a full cache has S >= every position.
     """
 
     k: jax.Array
@@ -86,11 +89,11 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         """A cache with every slot empty."""
-        kv = jnp.zeros((layers, batch, size, kv_heads, head_dim), dtype)
+        kv = jnp.zeros((layers, batch, kv_heads, head_dim, size), dtype)
         return cls(kv, kv, jnp.full((layers, batch, size), -1, jnp.int32))
 
     def layer(self, index) -> KVCache:
-        """Layer `index`'s keys, values and positions: [B, S, K, H], [B, S, K, H], [B, S]."""
+        """Layer `index`'s keys, values and positions: [B, K, H, S], [B, K, H, S], [B, S]."""
         return KVCache(self.k[index], self.v[index], self.pos[index])
 
     def write(self, index, k, v, positions) -> KVCache:
@@ -105,9 +108,15 @@ class KVCache(NamedTuple):
         keep = (positions >= 0) & (positions > newest - size)
         slots = jnp.where(keep, positions % size, size)  # slot `size` is out of range: dropped
         rows = jnp.arange(positions.shape[0])[:, None]
-        return KVCache(self.k.at[index, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
-                       self.v.at[index, rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+        # (index, rows, slots) broadcast to [B, T] and lead the indexed shape: [B, T, K, H]
+        return KVCache(self.k.at[index, rows, :, :, slots].set(k.astype(self.k.dtype), mode="drop"),
+                       self.v.at[index, rows, :, :, slots].set(v.astype(self.v.dtype), mode="drop"),
                        self.pos.at[index, rows, slots].set(positions, mode="drop"))
+
+
+def _slots_minor(x):
+    """Keys or values [B, T, K, H] in the cache's layout [B, K, H, T]."""
+    return jnp.moveaxis(x, 1, -1)
 
 
 @jax.custom_jvp
@@ -176,15 +185,15 @@ class Attention(nnx.Module):
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
 
         if cache is None:
-            keys, values, key_pos = k, v, positions
+            keys, values, key_pos = _slots_minor(k), _slots_minor(v), positions
             mask = attention_mask(positions, positions, self.sliding_window, segment_ids, segment_ids)
         else:
             if k.shape[1] > 1 and self.sliding_window is not None:
                 # a chunk written first into a rolling cache could overwrite slots its own earlier
                 # queries still see: attend to the old contents and the new tokens instead
                 old = cache.layer(layer)
-                keys = jnp.concatenate([old.k.astype(k.dtype), k], axis=1)
-                values = jnp.concatenate([old.v.astype(v.dtype), v], axis=1)
+                keys = jnp.concatenate([old.k.astype(k.dtype), _slots_minor(k)], axis=-1)
+                values = jnp.concatenate([old.v.astype(v.dtype), _slots_minor(v)], axis=-1)
                 key_pos = jnp.concatenate([old.pos, positions], axis=1)
                 cache = cache.write(layer, k, v, positions)
             else:  # store the new tokens, then attend to the layer's cache alone
@@ -195,10 +204,11 @@ class Attention(nnx.Module):
 
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32) * h ** -0.5
+        # the cache's operands first: XLA:CPU then reads them as stored when t is 1
+        scores = jnp.einsum("bkhs,btkgh->bkgts", keys, q).astype(jnp.float32) * h ** -0.5
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n * h)
+        out = jnp.einsum("bkhs,bkgts->btkgh", values, probs).reshape(b, t, n * h)
         # one contracted dim, not (n, h): with two, XLA:CPU may order them (h, n) to suit the
         # attention output's layout and then copies the whole weight to match, every decode step
         o = self.o[...].astype(self.dtype)

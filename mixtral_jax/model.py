@@ -123,7 +123,7 @@ class Mixtral(nnx.Module):
         return loss
 
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
-        """An empty cache of `size` slots per row for every layer: [L, B, S, K, H]."""
+        """An empty cache of `size` slots per row for every layer: [L, B, K, H, S]."""
         c = self.config
         return KVCache.empty(c.num_hidden_layers, batch, size, c.num_key_value_heads, c.head_size,
                              dtype or jnp.dtype(c.dtype))

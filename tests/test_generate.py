@@ -208,7 +208,7 @@ def test_split_weights_restack_exactly_and_cheaply():
 
 def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4):
     """(the optimized HLO text of the decode loop for one prompt, whether the generator split
-    the weights, the shape of the cache's keys [L, B, S, K, H])."""
+    the weights, the shape of the cache's keys [L, B, K, H, S])."""
     generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
     batch = generator.prepare([Request(list(range(1, prompt_len + 1)), new_tokens)])
     state = generator.prefill(batch)
@@ -249,8 +249,8 @@ def test_cpu_decode_loop_reorders_no_attention_weight():
 def test_decode_step_updates_the_cache_in_place():
     """Each decode step scatters its keys/values into the cache and attends to the cache as
     stored: no op rebuilds the whole cache (re-stacking layers) or a cache-plus-one copy."""
-    hlo, _, (layers, batch, slots, kv_heads, head_dim) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
-    whole = re.compile(rf"%(\S+) = f32\[{layers},{batch},{slots},{kv_heads},{head_dim}\]\S* ([\w-]+)\(")
+    hlo, _, (layers, batch, kv_heads, head_dim, slots) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
+    whole = re.compile(rf"%(\S+) = f32\[{layers},{batch},{kv_heads},{head_dim},{slots}\]\S* ([\w-]+)\(")
     in_place = ("scatter", "dynamic-update-slice")
     rebuilt = [m.group(0) for m in whole.finditer(hlo)
                if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
