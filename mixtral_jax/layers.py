@@ -204,7 +204,8 @@ class Attention(nnx.Module):
 
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
-        # the cache's operands first: XLA:CPU then reads them as stored when t is 1
+        # keys, values: [B, K, H, S]. The cache's operand goes first, here and in the weighted
+        # sum: XLA:CPU then reads it as stored
         scores = jnp.einsum("bkhs,btkgh->bkgts", keys, q).astype(jnp.float32) * h ** -0.5
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
