@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.layers import KVCache
+from mixtral_jax.layers import SKINNY_ROWS, KVCache, matmul
 from mixtral_jax.moe import experts_fn_for, resolve_impl, sorted_experts, swiglu
 
 
@@ -81,10 +81,10 @@ def inference_experts_fn(config, rows: int, experts_fn=None, split: bool = False
     mean = -(-pairs // experts)  # rows per expert, rounded up
     block_rows = mean if mean >= 8 else -(-2 * pairs // experts)
     block = min(256, 1 << (block_rows - 1).bit_length())
-    return sorted_experts(functools.partial(blocked_ffn, block=block, weights_out_in=split))
+    return sorted_experts(functools.partial(blocked_ffn, block=block, down_out_in=split))
 
 
-def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, weights_out_in: bool = False):
+def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, down_out_in: bool = False):
     """Forward-only grouped SwiGLU over expert-sorted rows (see `moe.sorted_experts`).
 
     Like `_grouped.grouped_ffn`, each expert runs on blocks of its rows in a loop
@@ -93,13 +93,13 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, weig
     expert's weights are taken outside its loop, which XLA:CPU then reads in
     place instead of copying every iteration.
     x_sorted: [M, D]; group_sizes: [E]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [M, D];
-    with weights_out_in, each expert's matrices transposed: [E, F, D], [E, F, D], [E, D, F].
+    with down_out_in, w_down is stored transposed, [E, D, F].
     """
     rows = x_sorted.shape[0]
     x = jnp.pad(x_sorted, ((0, block), (0, 0)))  # [M + R, D]
     starts = jnp.cumsum(group_sizes) - group_sizes
     y = jnp.zeros_like(x)
-    ffn = _swiglu_out_in if weights_out_in else swiglu
+    ffn = _swiglu_down_out_in if down_out_in else swiglu
     for e in range(w_gate.shape[0]):
         weights = w_gate[e], w_up[e], w_down[e]
 
@@ -112,40 +112,42 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, weig
     return y[:rows]
 
 
-def _swiglu_out_in(x, w_gate_t, w_up_t, w_down_t):
-    """`moe.swiglu` of x [R, D] with weights stored [out, in]: w_gate_t, w_up_t [F, D], w_down_t [D, F].
+def _swiglu_down_out_in(x, w_gate, w_up, w_down_t):
+    """`moe.swiglu` of x [R, D] with the down projection stored [out, in]: w_down_t [D, F].
 
-    For a few rows it runs transposed (W x^T, the weight as the left operand):
-    XLA:CPU's matmul then streams the weights about twice as fast as x @ W^T
-    for R <= 16 (measured on 8 x [512, 1792] weights: 12 vs 7 GB/s at R = 4).
+    For up to 32 rows the down projection runs transposed (W h^T, the weight as
+    the left operand): XLA:CPU then streams its long rows faster than `matmul`
+    does h @ W (bench-small's [1792, 512], GB/s: 20 vs 16 for one row, 16 vs 13
+    for four, 4.2 vs 2.4 for 32).
     """
-    if x.shape[0] > 32:
-        return (jax.nn.silu(x @ w_gate_t.T) * (x @ w_up_t.T)) @ w_down_t.T
-    gate_t = jnp.einsum("fd,rd->fr", w_gate_t, x)  # [F, R]
-    up_t = jnp.einsum("fd,rd->fr", w_up_t, x)
-    y_t = jnp.einsum("df,fr->dr", w_down_t, jax.nn.silu(gate_t) * up_t)  # [D, R]
+    hidden = jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)  # [R, F]
+    if x.shape[0] > SKINNY_ROWS[1]:
+        return hidden @ w_down_t.T
+    y_t = jnp.einsum("df,rf->dr", w_down_t, hidden)  # [D, R]
     return jax.lax.optimization_barrier(y_t).T  # (else XLA folds the transpose back into the matmul)
 
 
 def split_layers(params) -> dict:
     """The parameters as a pure dict whose layer-stacked leaves [L, ...] are tuples of
     per-layer arrays, and expert weights [L, E, in, out] tuples of tuples of
-    per-expert [out, in] arrays (the layout `_swiglu_out_in` streams fastest).
+    per-expert arrays, the down projection's transposed to [out, in] (the layout
+    `_swiglu_down_out_in` streams fastest).
 
     XLA:CPU copies a weight sliced out of a stacked array before each matmul;
     separate buffers, re-stacked and sliced statically (layers unrolled) in
     the same computation, are read in place. (Re-stacked outside a loop, the
     stack enters the loop whole and every step copies its slices: `decode`
     merges inside its loop body.) Costs a second copy of the weights. The
-    merged model then holds expert weights as [L, E, out, in], which only
-    `blocked_ffn(weights_out_in=True)` reads: see `splits_weights`.
+    merged model then holds w_down as [L, E, out, in], which only
+    `blocked_ffn(down_out_in=True)` reads: see `splits_weights`.
     """
     def split(path, leaf):
         names = [str(getattr(key, "key", key)) for key in path]
         if names[0] != "layers":
             return leaf
         if names[-1] in ("w_gate", "w_up", "w_down"):
-            return tuple(tuple(expert.T for expert in layer) for layer in leaf)  # [out, in]
+            transpose = names[-1] == "w_down"  # to [out, in]
+            return tuple(tuple(expert.T if transpose else expert for expert in layer) for layer in leaf)
         return tuple(leaf)
 
     return jax.tree_util.tree_map_with_path(split, nnx.to_pure_dict(params))

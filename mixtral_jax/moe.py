@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.layers import EMBED, EXPERT, MLP, param
+from mixtral_jax.layers import EMBED, EXPERT, MLP, matmul, param
 
 # experts_fn(x [N, D], expert_idx [N, k] int32, expert_weights [N, k],
 #            w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]) -> (y [N, D], dropped_fraction)
@@ -97,7 +97,7 @@ def expert_load(aux: MoEAux):
 # ---- expert compute paths --------------------------------------------------------------------
 def swiglu(x, w_gate, w_up, w_down):
     """One SwiGLU expert: x [M, D] -> [M, D]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
 
 def reference_experts(x, expert_idx, expert_weights, w_gate, w_up, w_down):

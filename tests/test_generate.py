@@ -191,8 +191,8 @@ def test_generate_command_streams_text(tmp_path, capsys):
 
 
 def test_split_weights_restack_exactly_and_cheaply():
-    """split_layers then _merge gives the model's own arrays back (expert matrices
-    transposed, as blocked_ffn(weights_out_in=True) reads them), with work per leaf
+    """split_layers then _merge gives the model's own arrays back (w_down transposed, as
+    blocked_ffn(down_out_in=True) reads it), with work per leaf
     (not per row: re-stacking once sliced the embedding row by row, a 60 s compile)."""
     model = mj.init(mj.preset("tiny", vocab_size=4096), seed=0)
     graphdef, params = nnx.split(model)
@@ -200,8 +200,8 @@ def test_split_weights_restack_exactly_and_cheaply():
     merged = nnx.to_pure_dict(nnx.state(programs._merge(graphdef, split, True)))
     flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
     for (path, got), want in zip(flat_merged, jax.tree.leaves(nnx.to_pure_dict(params)), strict=True):
-        expert = str(path[-1].key) in ("w_gate", "w_up", "w_down")
-        np.testing.assert_array_equal(got, np.swapaxes(want, -1, -2) if expert else want)
+        transposed = str(path[-1].key) == "w_down"
+        np.testing.assert_array_equal(got, np.swapaxes(want, -1, -2) if transposed else want)
     jaxpr = jax.make_jaxpr(lambda p: nnx.state(programs._merge(graphdef, p, True)))(split)
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
@@ -259,9 +259,9 @@ def test_decode_step_updates_the_cache_in_place():
     assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
 
 
-@pytest.mark.parametrize("block", [4, 64])  # few rows: weights-first matmuls; many: x @ W^T
-@pytest.mark.parametrize("weights_out_in", [False, True])
-def test_blocked_ffn_equals_reference_experts(block, weights_out_in):
+@pytest.mark.parametrize("block", [1, 4, 64])  # a row; few rows: transposed matmuls; many: plain
+@pytest.mark.parametrize("down_out_in", [False, True])
+def test_blocked_ffn_equals_reference_experts(block, down_out_in):
     """Decoding's expert path equals every-expert-on-every-token, in both weight layouts."""
     n, d, f, e = 40, 16, 24, 4
     keys = jax.random.split(jax.random.key(0), 5)
@@ -270,9 +270,9 @@ def test_blocked_ffn_equals_reference_experts(block, weights_out_in):
     w_gate, w_up = (jax.random.normal(k, (e, d, f)) / 4 for k in keys[2:4])
     w_down = jax.random.normal(keys[4], (e, f, d)) / 4
     want = reference_experts(x, expert_idx, weights, w_gate, w_up, w_down)[0]
-    stored = [jnp.swapaxes(w, 1, 2) for w in (w_gate, w_up, w_down)] if weights_out_in else [w_gate, w_up, w_down]
-    blocked = functools.partial(programs.blocked_ffn, block=block, weights_out_in=weights_out_in)
-    got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, *stored)[0]
+    stored = jnp.swapaxes(w_down, 1, 2) if down_out_in else w_down
+    blocked = functools.partial(programs.blocked_ffn, block=block, down_out_in=down_out_in)
+    got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, w_gate, w_up, stored)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
