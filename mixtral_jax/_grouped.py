@@ -36,28 +36,38 @@ BLOCK_ROWS = 256  # rows per block of a group's head (R); see `mixtral-jax bench
 TAIL_ROWS = 16  # rows of a group's last block (r <= R): bounds the wasted rows per expert
 
 
+def head_blocks(num_rows: int, block_rows: int, tail_rows: int) -> list[int]:
+    """The whole-block sizes a group's head may take, greedily: R, R/2, ... above r, those
+    no larger than the num_rows there are."""
+    halvings = [block_rows >> i for i in range(block_rows.bit_length()) if (block_rows >> i) > tail_rows]
+    return [block for block in halvings if block <= num_rows]
+
+
+def run_group_blocks(start, size, heads: list[int], tail_rows: int, block_body, carry):
+    """carry = block_body(block, first_row, group_end, carry) over the blocks of the group of
+    `size` rows from row `start`: greedily, whole blocks of each `heads` size (the first as
+    often as it fits, each halving at most once), then r-row blocks over the rest (fewer
+    than 2r rows), the last of which may spill past the group's end. The loops have dynamic
+    trip counts: an empty group runs no block."""
+    first, rest = start, size
+    for block, ceil in [(block, False) for block in heads] + [(tail_rows, True)]:
+        count = (rest + block - 1) // block if ceil else rest // block
+        step = lambda b, c, first=first, block=block: block_body(block, first + b * block, start + size, c)
+        carry = jax.lax.fori_loop(0, count, step, carry)
+        first, rest = first + count * block, rest - count * block
+    return carry
+
+
 def _for_each_expert(group_sizes, num_rows: int, block_rows: int, tail_rows: int, expert_body, carry):
     """carry = expert_body(e, run_blocks, carry) for e = 0 .. E - 1, in order.
 
-    run_blocks(block_body, carry) runs carry = block_body(block, first_row,
-    group_end, carry) over expert e's head blocks, the halved ones, then its r-row blocks.
+    run_blocks(block_body, carry) is `run_group_blocks` over expert e's group.
     """
     starts = jnp.cumsum(group_sizes) - group_sizes  # [E] first row of each group
-    halvings = [block_rows >> i for i in range(block_rows.bit_length()) if (block_rows >> i) >= tail_rows]
-    exact = [block for block in halvings if block <= num_rows]  # a larger block fits no group
+    heads = head_blocks(num_rows, block_rows, tail_rows)
 
     def expert_step(e, carry):
-        start, size = starts[e], group_sizes[e]
-
-        def run_blocks(block_body, carry):
-            first, rest = start, size
-            for block, ceil in [(block, False) for block in exact] + [(tail_rows, True)]:
-                count = (rest + block - 1) // block if ceil else rest // block
-                step = lambda b, c, first=first, block=block: block_body(block, first + b * block, start + size, c)
-                carry = jax.lax.fori_loop(0, count, step, carry)
-                first, rest = first + count * block, rest - count * block
-            return carry
-
+        run_blocks = functools.partial(run_group_blocks, starts[e], group_sizes[e], heads, tail_rows)
         return expert_body(e, run_blocks, carry)
 
     return jax.lax.fori_loop(0, group_sizes.shape[0], expert_step, carry)

@@ -259,10 +259,11 @@ def test_decode_step_updates_the_cache_in_place():
     assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
 
 
-@pytest.mark.parametrize("block", [1, 4, 64])  # a row; few rows: transposed matmuls; many: plain
+# a row; few rows (transposed matmuls); many (plain), alone or with halved blocks down to 4 rows
+@pytest.mark.parametrize("block, tail", [(1, None), (4, None), (64, None), (32, 4)])
 @pytest.mark.parametrize("down_out_in", [False, True])
-def test_blocked_ffn_equals_reference_experts(block, down_out_in):
-    """Decoding's expert path equals every-expert-on-every-token, in both weight layouts."""
+def test_blocked_ffn_equals_reference_experts(block, tail, down_out_in):
+    """Prefill and decode's expert path equals every-expert-on-every-token, in both weight layouts."""
     n, d, f, e = 40, 16, 24, 4
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (n, d))
@@ -271,7 +272,7 @@ def test_blocked_ffn_equals_reference_experts(block, down_out_in):
     w_down = jax.random.normal(keys[4], (e, f, d)) / 4
     want = reference_experts(x, expert_idx, weights, w_gate, w_up, w_down)[0]
     stored = jnp.swapaxes(w_down, 1, 2) if down_out_in else w_down
-    blocked = functools.partial(programs.blocked_ffn, block=block, down_out_in=down_out_in)
+    blocked = functools.partial(programs.blocked_ffn, block=block, tail=tail, down_out_in=down_out_in)
     got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, w_gate, w_up, stored)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
