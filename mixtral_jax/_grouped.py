@@ -7,7 +7,7 @@ copy is paid per expert, not per block) and runs its group of rows as
 ordinary matmuls on fixed-size blocks, in inner loops with dynamic trip
 counts, so only blocks that hold rows run. A group's head is whole R-row
 blocks; the rest (fewer than R rows) takes at most one block each of R/2,
-R/4, ... rows down to r, greedily, and what is left after those (fewer than
+R/4, ... rows down to 2r, greedily, and what is left after those (fewer than
 2r rows) is covered by r-row blocks, whose last one may run past the group's
 end into the next groups' rows, which are written later, when their experts'
 turns come. So at most r - 1 rows per expert are wasted work (bench-tiny's
