@@ -169,17 +169,17 @@ def test_matmul_precision_reaches_every_matmul_of_the_forward_and_backward(moe_i
 def test_dense_derivatives_equal_autodiff_of_the_matmul():
     x, w, dx, dw, g = (jax.random.normal(jax.random.key(i), shape) for i, shape in
                        enumerate([(2, 3, 5), (5, 7), (2, 3, 5), (5, 7), (2, 3, 7)]))
-    matmul = lambda x, w: jnp.einsum("btd,dv->btv", x, w)
+    plain = lambda x, w: jnp.einsum("btd,dv->btv", x, w)
     out, vjp = jax.vjp(dense, x, w)
-    ref_out, ref_vjp = jax.vjp(matmul, x, w)
+    ref_out, ref_vjp = jax.vjp(plain, x, w)
     np.testing.assert_array_equal(out, ref_out)
     for ours, ref in zip(vjp(g), ref_vjp(g)):
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
     # forward mode too (jax.jvp, Hessian-vector products)
-    np.testing.assert_allclose(jax.jvp(dense, (x, w), (dx, dw))[1], jax.jvp(matmul, (x, w), (dx, dw))[1],
+    np.testing.assert_allclose(jax.jvp(dense, (x, w), (dx, dw))[1], jax.jvp(plain, (x, w), (dx, dw))[1],
                                rtol=1e-6, atol=1e-6)
     hvp = lambda f: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.sin(f(x, w)))), (w,), (dw,))[1]
-    np.testing.assert_allclose(hvp(dense), hvp(matmul), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hvp(dense), hvp(plain), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
