@@ -5,8 +5,11 @@ large blocks with `mmap` (and per-thread arenas from heaps it trims), so the
 memory goes back to the kernel when freed, and the next step touches it anew:
 bench-tiny's train step took ~70k page faults (286 MB) each time, about 10%
 of the step. With one arena, no `mmap` and no trimming, the freed blocks stay
-in the heap and the faults are gone. The price: resident memory never falls
-from its peak, and sits above it by what the heap cannot reuse (+21% on the
+in the heap and the faults are gone. No trimming means no threshold at all:
+bench-small's step frees over 2 GiB at once, and with the threshold at the
+largest positive int glibc still gave that back, so ~1.4 GB were faulted in
+again each step (5% of it). The price: resident memory never falls from its
+peak, and sits above it by what the heap cannot reuse (+21% on the
 default training run).
 
 On a CPU backend, `mixtral-jax train` and `bench train` call
@@ -49,5 +52,6 @@ def reuse_freed_memory() -> bool:
     if os.environ.get(OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc" or not runs_on_cpu():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    # mallopt's int becomes a size_t threshold: -1 is SIZE_MAX, never trim
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
