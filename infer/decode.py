@@ -243,4 +243,10 @@ def decode(graphdef, params, state: DecodeState, rows: Rows, sampler, until, *,
             steps=s.steps + 1,
         )
 
-    return jax.lax.while_loop(running, step, state)
+    if not (split and batch > 1):
+        return jax.lax.while_loop(running, step, state)
+    # per-layer cache buffers, updated in place: bench-small batch 8, 2048-token prompts, 1.22x
+    # a step (batch 32, 128 tokens: 1.12x). Not for one row, where XLA:CPU turns each write
+    # into two updates of copies of the layer's keys (1.33x slower at 2048 tokens)
+    state = jax.lax.while_loop(running, step, state._replace(cache=state.cache.per_layer()))
+    return state._replace(cache=state.cache.stacked())

@@ -80,6 +80,10 @@ class KVCache(NamedTuple):
     pos: [L, B, S] int32, the position held in each slot, -1 for an empty slot.
     A rolling (sliding-window) cache has S = window and stores position p in
     slot p % S; a full cache has S >= every position.
+
+    `per_layer()` holds the same as tuples of L arrays (the layers' indices
+    then static): a decode loop carries that, so that XLA:CPU updates and reads
+    each layer's buffer in place instead of copying layer slices of the stack.
     """
 
     k: jax.Array
@@ -92,6 +96,14 @@ class KVCache(NamedTuple):
         kv = jnp.zeros((layers, batch, kv_heads, head_dim, size), dtype)
         return cls(kv, kv, jnp.full((layers, batch, size), -1, jnp.int32))
 
+    def per_layer(self) -> KVCache:
+        """The cache as tuples of per-layer arrays."""
+        return KVCache(*(tuple(stack) for stack in self))
+
+    def stacked(self) -> KVCache:
+        """The cache as [L, ...] arrays (the inverse of `per_layer`)."""
+        return KVCache(*(jnp.stack(stack) if isinstance(stack, tuple) else stack for stack in self))
+
     def layer(self, index) -> KVCache:
         """Layer `index`'s keys, values and positions: [B, K, H, S], [B, K, H, S], [B, S]."""
         return KVCache(self.k[index], self.v[index], self.pos[index])
@@ -103,15 +115,20 @@ class KVCache(NamedTuple):
         Of new tokens that land on the same slot of a rolling cache only the
         latest is kept, so a prompt longer than the window prefills correctly.
         """
-        size = self.pos.shape[2]
+        size = self.pos[0].shape[-1]  # slots
         newest = jnp.max(positions, axis=1, keepdims=True)
         keep = (positions >= 0) & (positions > newest - size)
         slots = jnp.where(keep, positions % size, size)  # slot `size` is out of range: dropped
         rows = jnp.arange(positions.shape[0])[:, None]
-        # (index, rows, slots) broadcast to [B, T] and lead the indexed shape: [B, T, K, H]
-        return KVCache(self.k.at[index, rows, :, :, slots].set(k.astype(self.k.dtype), mode="drop"),
-                       self.v.at[index, rows, :, :, slots].set(v.astype(self.v.dtype), mode="drop"),
-                       self.pos.at[index, rows, slots].set(positions, mode="drop"))
+
+        def put(stack, new):
+            if isinstance(stack, tuple):  # per-layer buffers: index is a Python int
+                # (rows, slots) broadcast to [B, T] and lead the indexed shape: [B, T, K, H]
+                layer = stack[index].at[rows, ..., slots].set(new.astype(stack[index].dtype), mode="drop")
+                return stack[:index] + (layer,) + stack[index + 1:]
+            return stack.at[index, rows, ..., slots].set(new.astype(stack.dtype), mode="drop")
+
+        return KVCache(put(self.k, k), put(self.v, v), put(self.pos, positions))
 
 
 def _slots_minor(x):

@@ -76,7 +76,8 @@ class Mixtral(nnx.Module):
         tokens: [B, T] int32. positions: [B, T] (default 0..T-1; -1 marks left
         padding). segment_ids: [B, T] packed-document ids (attention stays within
         a document). token_mask: [B, T], 1 where a token counts in the router
-        statistics. cache: KVCache [L, ...] to attend to and extend.
+        statistics. cache: KVCache [L, ...] to attend to and extend (in its
+        `per_layer()` form the layers run as a Python loop).
         experts_fn: the expert compute path (default: the config's `moe_impl`;
         `mixtral_jax.sharding` passes the expert-parallel one). last_only: logits
         of the last position only, [B, 1, V] (a prefill needs no more).
@@ -106,10 +107,18 @@ class Mixtral(nnx.Module):
             x, aux, cache = layer(x, positions, segment_ids, token_mask, cache, index, experts_fn)
             return (x, cache), aux
 
-        if config.remat != "none":
-            layer_step = jax.checkpoint(layer_step, policy=_REMAT[config.remat], prevent_cse=False)
-        layer_index = jnp.arange(config.num_hidden_layers)
-        (x, cache), aux = jax.lax.scan(layer_step, (x, cache), (layer_state, layer_index), unroll=unroll_layers)
+        if cache is not None and isinstance(cache.k, tuple):  # per-layer buffers: a Python loop
+            auxes = []
+            for index in range(config.num_hidden_layers):
+                (x, cache), aux = layer_step((x, cache), (jax.tree.map(lambda a: a[index], layer_state), index))
+                auxes.append(aux)
+            aux = jax.tree.map(lambda *layers: jnp.stack(layers), *auxes)
+        else:
+            if config.remat != "none":
+                layer_step = jax.checkpoint(layer_step, policy=_REMAT[config.remat], prevent_cse=False)
+            layer_index = jnp.arange(config.num_hidden_layers)
+            (x, cache), aux = jax.lax.scan(layer_step, (x, cache), (layer_state, layer_index),
+                                           unroll=unroll_layers)
         x = self.norm(x[:, -1:] if last_only else x)
         logits = dense(x, self.lm_head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
         return ModelOutput(logits, aux, cache)

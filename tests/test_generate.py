@@ -206,15 +206,25 @@ def test_split_weights_restack_exactly_and_cheaply():
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
 
-def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4):
-    """(the optimized HLO text of the decode loop for one prompt, whether the generator split
-    the weights, the shape of the cache's keys [L, B, K, H, S])."""
+def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4, batch: int = 1):
+    """(the optimized HLO text of the decode loop for `batch` prompts, whether the generator
+    split the weights, the shape of the cache's keys [L, B, K, H, S])."""
     generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
-    batch = generator.prepare([Request(list(range(1, prompt_len + 1)), new_tokens)])
+    batch = generator.prepare([Request(list(range(1 + row, prompt_len + 1 + row)), new_tokens)
+                               for row in range(batch)])
     state = generator.prefill(batch)
     hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler,
                                 new_tokens, experts_fn=generator.experts_fn, split=generator.split)
     return hlo.compile().as_text(), generator.split, state.cache.k.shape
+
+
+def _loop_body(hlo: str) -> str:
+    """The HLO text of the largest while loop's body computation (the decode step)."""
+    bodies = []
+    for name in re.findall(r"while\([^\n]*body=%?([\w.\-]+)", hlo):
+        start = hlo.index(f"%{name} (")
+        bodies.append(hlo[start:hlo.index("\n}", start)])
+    return max(bodies, key=len)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="generation splits the weights on CPU only")
@@ -246,17 +256,24 @@ def test_cpu_decode_loop_reorders_no_attention_weight():
     assert not reordered, reordered[:2]
 
 
-def test_decode_step_updates_the_cache_in_place():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_step_updates_the_cache_in_place(batch):
     """Each decode step scatters its keys/values into the cache and attends to the cache as
-    stored: no op rebuilds the whole cache (re-stacking layers) or a cache-plus-one copy."""
-    hlo, _, (layers, batch, kv_heads, head_dim, slots) = _compiled_decode(mj.preset("tiny", moe_impl="grouped"))
-    whole = re.compile(rf"%(\S+) = f32\[{layers},{batch},{kv_heads},{head_dim},{slots}\]\S* ([\w-]+)\(")
+    stored: no op of the step copies the whole cache (re-stacking layers), a layer's part of
+    it (on CPU from 2 rows on, each layer's keys and values are buffers of their own), or a
+    cache-plus-one."""
+    hlo, split, (layers, rows, kv_heads, head_dim, slots) = _compiled_decode(
+        mj.preset("tiny", moe_impl="grouped"), batch=batch)
+    body = _loop_body(hlo)
+    cache_part = re.compile(rf"%(\S+) = f32\[(?:{layers},|1,)?{rows},{kv_heads},{head_dim},{slots}\]\S* ([\w-]+)\(")
     in_place = ("scatter", "dynamic-update-slice")
-    rebuilt = [m.group(0) for m in whole.finditer(hlo)
-               if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
-               and not (m.group(2) == "fusion" and any(op in m.group(1).replace("_", "-") for op in in_place))]
-    assert not rebuilt, rebuilt[:2]
-    assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
+    copied = [m.group(0) for m in cache_part.finditer(body)
+              if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
+              and not (m.group(2) == "fusion" and any(op in m.group(1).replace("_", "-") for op in in_place))]
+    assert not copied, copied[:2]
+    assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", body)  # keys of the cache and the new token
+    per_layer = f"f32[{rows},{kv_heads},{head_dim},{slots}]" in body.splitlines()[0]  # the loop's carry
+    assert per_layer == (split and batch > 1)
 
 
 # a row; few rows (transposed matmuls); many (plain), alone or with halved blocks down to 4 rows
