@@ -102,7 +102,7 @@ class KVCache(NamedTuple):
 
     def stacked(self) -> KVCache:
         """The cache as [L, ...] arrays (the inverse of `per_layer`)."""
-        return KVCache(*(jnp.stack(stack) if isinstance(stack, tuple) else stack for stack in self))
+        return KVCache(*(jnp.stack(stack) for stack in self))
 
     def layer(self, index) -> KVCache:
         """Layer `index`'s keys, values and positions: [B, K, H, S], [B, K, H, S], [B, S]."""
@@ -121,9 +121,9 @@ class KVCache(NamedTuple):
         slots = jnp.where(keep, positions % size, size)  # slot `size` is out of range: dropped
         rows = jnp.arange(positions.shape[0])[:, None]
 
+        # (rows, slots) broadcast to [B, T] and lead the indexed shape of k, v: [B, T, K, H]
         def put(stack, new):
             if isinstance(stack, tuple):  # per-layer buffers: index is a Python int
-                # (rows, slots) broadcast to [B, T] and lead the indexed shape: [B, T, K, H]
                 layer = stack[index].at[rows, ..., slots].set(new.astype(stack[index].dtype), mode="drop")
                 return stack[:index] + (layer,) + stack[index + 1:]
             return stack.at[index, rows, ..., slots].set(new.astype(stack.dtype), mode="drop")

@@ -206,12 +206,12 @@ def test_split_weights_restack_exactly_and_cheaply():
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
 
-def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4, batch: int = 1):
-    """(the optimized HLO text of the decode loop for `batch` prompts, whether the generator
+def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4, prompts: int = 1):
+    """(the optimized HLO text of the decode loop for `prompts` prompts, whether the generator
     split the weights, the shape of the cache's keys [L, B, K, H, S])."""
     generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
     batch = generator.prepare([Request(list(range(1 + row, prompt_len + 1 + row)), new_tokens)
-                               for row in range(batch)])
+                               for row in range(prompts)])
     state = generator.prefill(batch)
     hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler,
                                 new_tokens, experts_fn=generator.experts_fn, split=generator.split)
@@ -263,7 +263,7 @@ def test_decode_step_updates_the_cache_in_place(batch):
     it (on CPU from 2 rows on, each layer's keys and values are buffers of their own), or a
     cache-plus-one."""
     hlo, split, (layers, rows, kv_heads, head_dim, slots) = _compiled_decode(
-        mj.preset("tiny", moe_impl="grouped"), batch=batch)
+        mj.preset("tiny", moe_impl="grouped"), prompts=batch)
     body = _loop_body(hlo)
     cache_part = re.compile(rf"%(\S+) = f32\[(?:{layers},|1,)?{rows},{kv_heads},{head_dim},{slots}\]\S* ([\w-]+)\(")
     in_place = ("scatter", "dynamic-update-slice")
@@ -271,7 +271,7 @@ def test_decode_step_updates_the_cache_in_place(batch):
               if m.group(2) not in ("parameter", "get-tuple-element", "bitcast", *in_place)
               and not (m.group(2) == "fusion" and any(op in m.group(1).replace("_", "-") for op in in_place))]
     assert not copied, copied[:2]
-    assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", body)  # keys of the cache and the new token
+    assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
     per_layer = f"f32[{rows},{kv_heads},{head_dim},{slots}]" in body.splitlines()[0]  # the loop's carry
     assert per_layer == (split and batch > 1)
 
