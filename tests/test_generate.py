@@ -166,6 +166,27 @@ def test_temperature_zero_is_greedy_per_row():
     assert isinstance(sampling.make_sampler(0.0, 40, 0.9, batch=2), sampling.Greedy)
 
 
+@pytest.mark.parametrize("vocab", [384, 300])  # whole chunks, and a padded last chunk
+def test_argmax_is_jnp_argmax_with_ties_nans_and_infinities(vocab):
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 40, (8, vocab)).astype(np.float32)  # many ties, across chunks too
+    logits[1] = -np.inf
+    logits[2, [7, 250]] = np.nan  # the first NaN wins, as in jnp.argmax
+    logits[3, 200], logits[3, 5] = np.inf, np.nan
+    logits[4, -1] = 100.0  # the maximum in the last (padded) chunk
+    logits[5, 130] = logits[5, 260] = 100.0  # a tie between chunks: the first
+    got = jax.jit(sampling.argmax)(jnp.asarray(logits))
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+    assert got.dtype == jnp.int32
+
+
+def test_categorical_draws_what_jax_random_categorical_draws():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(64, 300)).astype(np.float32))
+    keys = sampling.row_keys(np.arange(64))
+    got = sampling.make_sampler(1.0, batch=64)(logits, keys)
+    np.testing.assert_array_equal(got, jax.vmap(jax.random.categorical)(keys, logits))
+
+
 def test_expert_parallel_mesh_generates_the_same_tokens(model):
     from mixtral_jax import sharding
 
