@@ -41,7 +41,7 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [B] bool: finished (EOS, max_new, or stopped by the host)
     hit_eos: jax.Array  # [B] bool: finished on an EOS token
     position: jax.Array  # [B] int32: position of the row's latest token
-    cache: KVCache  # [L, B, K, H, S]: keys/values of every token so far
+    cache: KVCache  # keys/values of every token so far (k [L, B, K, H, S], v [L, B, K, S, H])
     steps: jax.Array  # [] int32: decode steps run (the loop counter)
 
 

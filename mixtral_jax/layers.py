@@ -74,9 +74,12 @@ class KVCache(NamedTuple):
     """The key/value cache of every layer, carried through the decoder's layer loop
     and updated in place (a loop over decode steps never copies it whole).
 
-    k, v: [L, B, K, H, S], slots minor: XLA:CPU then runs a decode step's
-    scores and weighted sum on the cache mostly as stored (with slots before
-    the heads it copied every layer's keys and values transposed, every step).
+    k: [L, B, K, H, S], slots minor; v: [L, B, K, S, H], head dim minor. Each
+    is then the operand of a decode step's matmul that XLA:CPU reads as stored:
+    the scores contract the keys' head dim against the query, the weighted sum
+    the values' slots against the probabilities (keys stored slots before
+    heads were copied transposed every step; values stored like the keys, the
+    weighted sum ran 2-3x slower).
     pos: [L, B, S] int32, the position held in each slot, -1 for an empty slot.
     A rolling (sliding-window) cache has S = window and stores position p in
     slot p % S; a full cache has S >= every position.
@@ -93,8 +96,9 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         """A cache with every slot empty."""
-        kv = jnp.zeros((layers, batch, kv_heads, head_dim, size), dtype)
-        return cls(kv, kv, jnp.full((layers, batch, size), -1, jnp.int32))
+        k = jnp.zeros((layers, batch, kv_heads, head_dim, size), dtype)
+        v = jnp.zeros((layers, batch, kv_heads, size, head_dim), dtype)
+        return cls(k, v, jnp.full((layers, batch, size), -1, jnp.int32))
 
     def per_layer(self) -> KVCache:
         """The cache as tuples of per-layer arrays."""
@@ -105,7 +109,7 @@ class KVCache(NamedTuple):
         return KVCache(*(jnp.stack(stack) for stack in self))
 
     def layer(self, index) -> KVCache:
-        """Layer `index`'s keys, values and positions: [B, K, H, S], [B, K, H, S], [B, S]."""
+        """Layer `index`'s keys, values and positions: [B, K, H, S], [B, K, S, H], [B, S]."""
         return KVCache(self.k[index], self.v[index], self.pos[index])
 
     def write(self, index, k, v, positions) -> KVCache:
@@ -122,18 +126,24 @@ class KVCache(NamedTuple):
         rows = jnp.arange(positions.shape[0])[:, None]
 
         # (rows, slots) broadcast to [B, T] and lead the indexed shape of k, v: [B, T, K, H]
-        def put(stack, new):
+        def put(stack, new, at):  # at: where the new entries go in one layer's array
             if isinstance(stack, tuple):  # per-layer buffers: index is a Python int
-                layer = stack[index].at[rows, ..., slots].set(new.astype(stack[index].dtype), mode="drop")
+                layer = stack[index].at[at].set(new.astype(stack[index].dtype), mode="drop")
                 return stack[:index] + (layer,) + stack[index + 1:]
-            return stack.at[index, rows, ..., slots].set(new.astype(stack.dtype), mode="drop")
+            return stack.at[(index, *at)].set(new.astype(stack.dtype), mode="drop")
 
-        return KVCache(put(self.k, k), put(self.v, v), put(self.pos, positions))
+        return KVCache(put(self.k, k, (rows, ..., slots)), put(self.v, v, (rows, slice(None), slots)),
+                       put(self.pos, positions, (rows, slots)))
 
 
-def _slots_minor(x):
-    """Keys or values [B, T, K, H] in the cache's layout [B, K, H, T]."""
-    return jnp.moveaxis(x, 1, -1)
+def _keys_layout(k):
+    """Keys [B, T, K, H] in the cache's layout [B, K, H, T]."""
+    return jnp.moveaxis(k, 1, -1)
+
+
+def _values_layout(v):
+    """Values [B, T, K, H] in the cache's layout [B, K, T, H]."""
+    return jnp.moveaxis(v, 1, 2)
 
 
 SKINNY_ROWS = (2, 32)  # row counts `matmul` runs in the transposed form on CPU
@@ -223,15 +233,15 @@ class Attention(nnx.Module):
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
 
         if cache is None:
-            keys, values, key_pos = _slots_minor(k), _slots_minor(v), positions
+            keys, values, key_pos = _keys_layout(k), _values_layout(v), positions
             mask = attention_mask(positions, positions, self.sliding_window, segment_ids, segment_ids)
         else:
             if k.shape[1] > 1 and self.sliding_window is not None:
                 # a chunk written first into a rolling cache could overwrite slots its own earlier
                 # queries still see: attend to the old contents and the new tokens instead
                 old = cache.layer(layer)
-                keys = jnp.concatenate([old.k.astype(k.dtype), _slots_minor(k)], axis=-1)
-                values = jnp.concatenate([old.v.astype(v.dtype), _slots_minor(v)], axis=-1)
+                keys = jnp.concatenate([old.k.astype(k.dtype), _keys_layout(k)], axis=-1)
+                values = jnp.concatenate([old.v.astype(v.dtype), _values_layout(v)], axis=-2)
                 key_pos = jnp.concatenate([old.pos, positions], axis=1)
                 cache = cache.write(layer, k, v, positions)
             else:  # store the new tokens, then attend to the layer's cache alone
@@ -242,12 +252,12 @@ class Attention(nnx.Module):
 
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
-        # keys, values: [B, K, H, S]. The cache's operand goes first, here and in the weighted
-        # sum: XLA:CPU then reads it as stored
+        # keys: [B, K, H, S], values: [B, K, S, H]. The cache's operand goes first, here and in
+        # the weighted sum: XLA:CPU then reads it as stored
         scores = jnp.einsum("bkhs,btkgh->bkgts", keys, q).astype(jnp.float32) * h ** -0.5
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkhs,bkgts->btkgh", values, probs).reshape(b, t, n * h)
+        out = jnp.einsum("bksh,bkgts->btkgh", values, probs).reshape(b, t, n * h)
         # one contracted dim, not (n, h): with two, XLA:CPU may order them (h, n) to suit the
         # attention output's layout and then copies the whole weight to match, every decode step
         o = self.o[...].astype(self.dtype)

@@ -91,7 +91,7 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 
 def cache_sharding(mesh: Mesh) -> KVCache:
-    """Shardings of a stacked KV cache (k, v [L, B, K, H, S], pos [L, B, S]): rows like the
-    batch, kv heads over tensor."""
-    kv = NamedSharding(mesh, logical_to_spec((LAYERS, "batch", KV_HEADS, HEAD_DIM, "seq")))
-    return KVCache(kv, kv, NamedSharding(mesh, logical_to_spec((LAYERS, "batch", "seq"))))
+    """Shardings of a stacked KV cache (k [L, B, K, H, S], v [L, B, K, S, H], pos [L, B, S]):
+    rows like the batch, kv heads over tensor."""
+    spec = lambda *axes: NamedSharding(mesh, logical_to_spec((LAYERS, "batch", *axes)))
+    return KVCache(spec(KV_HEADS, HEAD_DIM, "seq"), spec(KV_HEADS, "seq", HEAD_DIM), spec("seq"))
