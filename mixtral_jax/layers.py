@@ -78,8 +78,9 @@ class KVCache(NamedTuple):
     is then the operand of a decode step's matmul that XLA:CPU reads as stored:
     the scores contract the keys' head dim against the query, the weighted sum
     the values' slots against the probabilities (keys stored slots before
-    heads were copied transposed every step; values stored like the keys, the
-    weighted sum ran 2-3x slower).
+    heads were copied transposed every step; with values stored like the keys,
+    the weighted sum ran 4-5x slower: bench-tiny, batch 32, 0.74 against 0.16 ms
+    a layer).
     pos: [L, B, S] int32, the position held in each slot, -1 for an empty slot.
     A rolling (sliding-window) cache has S = window and stores position p in
     slot p % S; a full cache has S >= every position.
