@@ -212,8 +212,8 @@ def test_generate_command_streams_text(tmp_path, capsys):
 
 
 def test_split_weights_restack_exactly_and_cheaply():
-    """split_layers then _merge gives the model's own arrays back (w_down transposed, as
-    blocked_ffn(down_out_in=True) reads it), with work per leaf
+    """split_layers then _merge gives the model's own arrays back (expert weights transposed,
+    as blocked_ffn(out_in=True) reads them), with work per leaf
     (not per row: re-stacking once sliced the embedding row by row, a 60 s compile)."""
     model = mj.init(mj.preset("tiny", vocab_size=4096), seed=0)
     graphdef, params = nnx.split(model)
@@ -221,7 +221,7 @@ def test_split_weights_restack_exactly_and_cheaply():
     merged = nnx.to_pure_dict(nnx.state(programs._merge(graphdef, split, True)))
     flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
     for (path, got), want in zip(flat_merged, jax.tree.leaves(nnx.to_pure_dict(params)), strict=True):
-        transposed = str(path[-1].key) == "w_down"
+        transposed = str(path[-1].key) in ("w_gate", "w_up", "w_down")
         np.testing.assert_array_equal(got, np.swapaxes(want, -1, -2) if transposed else want)
     jaxpr = jax.make_jaxpr(lambda p: nnx.state(programs._merge(graphdef, p, True)))(split)
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
@@ -299,8 +299,8 @@ def test_decode_step_updates_the_cache_in_place(batch):
 
 # a row; few rows (transposed matmuls); many (plain), alone or with halved blocks down to 4 rows
 @pytest.mark.parametrize("block, tail", [(1, None), (4, None), (64, None), (32, 4)])
-@pytest.mark.parametrize("down_out_in", [False, True])
-def test_blocked_ffn_equals_reference_experts(block, tail, down_out_in):
+@pytest.mark.parametrize("out_in", [False, True])
+def test_blocked_ffn_equals_reference_experts(block, tail, out_in):
     """Prefill and decode's expert path equals every-expert-on-every-token, in both weight layouts."""
     n, d, f, e = 40, 16, 24, 4
     keys = jax.random.split(jax.random.key(0), 5)
@@ -309,9 +309,9 @@ def test_blocked_ffn_equals_reference_experts(block, tail, down_out_in):
     w_gate, w_up = (jax.random.normal(k, (e, d, f)) / 4 for k in keys[2:4])
     w_down = jax.random.normal(keys[4], (e, f, d)) / 4
     want = reference_experts(x, expert_idx, weights, w_gate, w_up, w_down)[0]
-    stored = jnp.swapaxes(w_down, 1, 2) if down_out_in else w_down
-    blocked = functools.partial(programs.blocked_ffn, block=block, tail=tail, down_out_in=down_out_in)
-    got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, w_gate, w_up, stored)[0]
+    stored = [jnp.swapaxes(w, 1, 2) if out_in else w for w in (w_gate, w_up, w_down)]
+    blocked = functools.partial(programs.blocked_ffn, block=block, tail=tail, out_in=out_in)
+    got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, *stored)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
