@@ -147,18 +147,35 @@ def _values_layout(v):
     return jnp.moveaxis(v, 1, 2)
 
 
-SKINNY_ROWS = (2, 32)  # row counts `matmul` runs in the transposed form on CPU
+def _skinny_rows() -> tuple[int, int]:
+    """The row counts `matmul` runs in the transposed form on this CPU (inclusive bounds).
+
+    Measured with alternating compiled decode loops in one process. On AVX2
+    (Zen 1) Eigen beat YNNPACK from 2 rows on (bench-small's weight shapes:
+    1.2-1.45x the GB/s at 2 rows, 1.05-2.1x at 8 and 16, 1.0-1.25x at 32). On
+    AVX-512 (Zen 4) YNNPACK is the faster one below 16 rows: bench-tiny's
+    decode step 1.08-1.10x faster at batch 4 and 8 (its LM head's matmul is
+    half of that step), bench-small within noise (1.03x at batch 8, 0.99x at
+    4); at 32 rows Eigen still wins (bench-small, batch 32: 1.07x).
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            avx512 = " avx512f" in cpuinfo.read()
+    except OSError:
+        avx512 = False
+    return (16, 32) if avx512 else (2, 32)
+
+
+SKINNY_ROWS = _skinny_rows()
 
 
 def matmul(x, w):
     """x [..., D] @ w [D, *O] -> [..., *O].
 
-    On CPU, for 2 to 32 rows (decode), x is copied transposed to [D, rows] and
-    contracted over its leading dim. XLA:CPU's YNNPACK matmul takes only row-major
-    left operands; this one goes to Eigen instead, which streams the weight
-    faster for so few rows (bench-small's weight shapes: 1.2-1.45x the GB/s at
-    2 rows, 1.05-2.1x at 8 and 16, 1.0-1.25x at 32). One row is a
-    matrix-vector product either way.
+    On CPU, for `SKINNY_ROWS` rows (decode), x is copied transposed to [D, rows]
+    and contracted over its leading dim. XLA:CPU's YNNPACK matmul takes only
+    row-major left operands; this one goes to Eigen instead, which streams the
+    weight faster for so few rows. One row is a matrix-vector product either way.
     """
     out_dims = list(range(1, w.ndim))
     rows = x.size // x.shape[-1]
