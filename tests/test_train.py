@@ -1,5 +1,5 @@
 """The training job: config errors before compiling, the optimizer, the jitted step
-(learning, bfloat16 compute, exact gradient accumulation) and non-finite losses."""
+(learning, bfloat16 compute, exact gradient accumulation, the layer loop) and non-finite losses."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from mixtral_jax.train.config import TrainConfig, load_run_config
 from mixtral_jax.train.main import train
 from mixtral_jax.train.metrics import read_metrics
 from mixtral_jax.train.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
-from mixtral_jax.train.step import init_state, make_train_step
+from mixtral_jax.train.step import UNROLL_MAX_LAYERS, init_state, make_train_step, unrolls_layers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,6 +53,7 @@ def random_batch(vocab: int, rows: int, length: int, seed: int = 0, padded_rows:
     (["mesh.tensor=8"], "num_attention_heads=4 is not divisible by mesh.tensor=8"),
     (["train.batch_size=4"], "batch size 4 is not divisible"),
     (["data.source=/no/such/file.txt"], "not found"),
+    (["train.layer_loop=sideways"], "train.layer_loop must be one of"),
 ])
 def test_bad_config_is_one_clear_line_before_compiling(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"
@@ -140,26 +141,54 @@ def test_loss_falls_on_a_repeated_batch_with_bfloat16_compute():
     np.testing.assert_allclose(np.sum(metrics["expert_load"], axis=-1), 1.0, rtol=1e-6)
 
 
+# an "optimizer" that keeps the gradient as its state and changes nothing
+KEEP_GRADS = optax.GradientTransformation(
+    lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
 def test_gradient_accumulation_equals_the_big_batch():
     # Router losses are per micro-batch by design (see train.loss): switched off here, so
     # the objective is the masked token mean that accumulation must reproduce exactly.
     config = mj.preset("tiny", router_aux_loss_coef=0.0, moe_impl="reference")
     graphdef, params = nnx.split(mj.init(config, seed=1))
     params = nnx.to_pure_dict(params)
-    # an "optimizer" that keeps the gradient as its state and changes nothing
-    keep_grads = optax.GradientTransformation(
-        lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
     batch = random_batch(config.vocab_size, 8, 16, seed=1, padded_rows=3)
     results = []
     for grad_accum in (1, 4):
         train_cfg = TrainConfig(batch_size=8, seq_len=16, grad_accum=grad_accum)
-        state = init_state(jax.tree.map(jnp.copy, params), keep_grads, 0)  # the step donates its input
-        state, metrics = make_train_step(graphdef, keep_grads, train_cfg)(state, batch)
+        state = init_state(jax.tree.map(jnp.copy, params), KEEP_GRADS, 0)  # the step donates its input
+        state, metrics = make_train_step(graphdef, KEEP_GRADS, train_cfg)(state, batch)
         results.append((state.opt_state, metrics))
     (big, big_metrics), (accumulated, accumulated_metrics) = results
     for name in ("loss", "z_loss", "expert_load", "grad_norm"):
         np.testing.assert_allclose(accumulated_metrics[name], big_metrics[name], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):  # float32 sums in another order
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_layer_loop_auto_unrolls_shallow_models_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert unrolls_layers("auto", UNROLL_MAX_LAYERS) and not unrolls_layers("auto", UNROLL_MAX_LAYERS + 1)
+    assert unrolls_layers("unroll", 32) and not unrolls_layers("scan", 2)
+
+
+def test_unrolled_layers_give_the_scans_gradients_without_its_loop():
+    config = mj.preset("tiny", moe_impl="reference")  # no loops of its own in the expert path
+    graphdef, params = nnx.split(mj.init(config, seed=2))
+    params = nnx.to_pure_dict(params)
+    batch = random_batch(config.vocab_size, 4, 16, seed=2)
+    results, loops = {}, {}
+    for layer_loop in ("scan", "unroll"):
+        train_cfg = TrainConfig(batch_size=4, seq_len=16, layer_loop=layer_loop)
+        step = make_train_step(graphdef, KEEP_GRADS, train_cfg)
+        state = init_state(jax.tree.map(jnp.copy, params), KEEP_GRADS, 0)  # the step donates its input
+        loops[layer_loop] = step.lower(state, batch).compile().as_text().count(" while(")
+        results[layer_loop] = step(state, batch)
+    assert loops["scan"] > loops["unroll"] == 0
+    (scan_state, scan_metrics), (unrolled_state, unrolled_metrics) = results["scan"], results["unroll"]
+    for name in ("loss", "aux_loss", "expert_load", "grad_norm"):
+        np.testing.assert_allclose(unrolled_metrics[name], scan_metrics[name], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(unrolled_state.opt_state), jax.tree.leaves(scan_state.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 

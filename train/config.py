@@ -51,6 +51,7 @@ class TrainConfig:
     clip: float = 1.0  # global gradient-norm clip; 0 turns it off
     seed: int = 0  # parameter init and data order
     log_every: int = 10
+    layer_loop: Literal["auto", "scan", "unroll"] = "auto"  # auto: unrolled on CPU up to 4 layers (step.unrolls_layers)
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is NaN/inf instead of stopping
     reset_optimizer: bool = True  # with init_from: a fresh optimizer (false: also restore its opt_state)
     peak_flops: float | None = None  # all devices together, for MFU; None: measured on CPU, else no MFU

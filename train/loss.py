@@ -28,7 +28,8 @@ def token_nll(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def micro_batch_loss(model, batch: dict, num_loss_tokens, num_micro_batches: int, experts_fn=None):
+def micro_batch_loss(model, batch: dict, num_loss_tokens, num_micro_batches: int, experts_fn=None,
+                     unroll_layers: bool = False):
     """(objective, MicroStats) of one micro-batch.
 
     The objective's cross-entropy part is this micro-batch's token-loss sum over
@@ -37,9 +38,11 @@ def micro_batch_loss(model, batch: dict, num_loss_tokens, num_micro_batches: int
     losses depend non-linearly on each batch's routing statistics; like other
     trainers, they are computed per micro-batch and averaged.
     batch: inputs, targets, positions, segment_ids [B, T] int32, loss_mask [B, T] float32.
+    unroll_layers: the decoder layers unrolled instead of scanned (`Mixtral.forward`).
     """
     out = model.forward(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
-                        token_mask=(batch["segment_ids"] > 0).astype(jnp.float32), experts_fn=experts_fn)
+                        token_mask=(batch["segment_ids"] > 0).astype(jnp.float32), experts_fn=experts_fn,
+                        unroll_layers=unroll_layers)
     nll_sum = jnp.sum(token_nll(out.logits, batch["targets"]) * batch["loss_mask"])
     objective = nll_sum / num_loss_tokens + model.aux_loss(out.aux) / num_micro_batches
     return objective, MicroStats(nll_sum, out.aux)

@@ -20,7 +20,7 @@ from mixtral_jax import moe
 from mixtral_jax.train.loss import micro_batch_loss
 from mixtral_jax.train.optim import learning_rate, make_optimizer
 
-__all__ = ["TrainState", "make_optimizer", "make_train_step", "init_state", "state_shardings"]
+__all__ = ["TrainState", "make_optimizer", "make_train_step", "init_state", "state_shardings", "unrolls_layers"]
 
 
 class TrainState(NamedTuple):
@@ -48,6 +48,26 @@ def state_shardings(param_shardings, optimizer, abstract_params, mesh):
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
                                           transform_non_params=lambda _: replicated)
     return TrainState(replicated, param_shardings, opt_shardings, replicated)
+
+
+UNROLL_MAX_LAYERS = 4  # `train.layer_loop: auto` unrolls up to this many layers on CPU
+
+
+def unrolls_layers(layer_loop: str, num_layers: int) -> bool:
+    """Whether the train step runs the decoder layers unrolled rather than as a `lax.scan`.
+
+    "auto": on CPU, for up to UNROLL_MAX_LAYERS layers. A scan slices every
+    layer's weights out of the stacked parameters, zero-fills stacked buffers
+    for the residuals and gradients and writes them layer by layer; unrolled,
+    XLA:CPU skips most of that: steps 4% faster (bench-tiny 289.5 -> 277.1 ms,
+    bench-small 3.93 -> 3.76 s; the two programs alternating in one process,
+    Zen 4). Up to 4 layers the unrolled step compiles as fast as the scanned one;
+    each further layer adds ~1.2 s (16 layers: 20 s against 7), so deeper
+    models, like accelerators, keep the scan.
+    """
+    if layer_loop == "auto":
+        return jax.default_backend() == "cpu" and num_layers <= UNROLL_MAX_LAYERS
+    return layer_loop == "unroll"
 
 
 def _split_micro_batches(batch: dict, count: int) -> dict:
@@ -86,7 +106,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
     def micro_step(params, micro, num_loss_tokens):
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            return micro_batch_loss(model, micro, num_loss_tokens, count, experts_fn)
+            unroll = unrolls_layers(train_cfg.layer_loop, model.config.num_hidden_layers)
+            return micro_batch_loss(model, micro, num_loss_tokens, count, experts_fn, unroll_layers=unroll)
 
         (objective, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return objective, stats, grads
