@@ -200,12 +200,15 @@ def test_matmul_equals_the_einsum_and_keeps_few_rows_off_ynnpack(rows):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layout choice")
 def test_lm_head_weight_gradient_reads_the_logit_gradient_as_it_is():
     """The [B, T, V] logit gradient is not transposed to [V, B * T] for the LM head's weight
-    gradient (a 262 MB copy per bench-small step before `dense`)."""
+    gradient (a 262 MB copy per bench-small step before `dense`), and that matmul runs on
+    YNNPACK (x transposed into its own buffer) rather than on Eigen."""
     vocab, tokens = 1000, jnp.ones((2, 16), jnp.int32)
-    graphdef, state = nnx.split(init(preset("tiny", vocab_size=vocab), seed=0))
+    config = preset("tiny", vocab_size=vocab)
+    graphdef, state = nnx.split(init(config, seed=0))
     loss = lambda s: jnp.sum(jax.nn.log_softmax(nnx.merge(graphdef, s)(tokens)))
     hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
     assert not re.search(rf"= f32\[{vocab},(32|2,16)\]", hlo)
+    assert re.search(rf"%ynn_fusion[.\d]* = f32\[{config.hidden_size},{vocab}\]", hlo)
 
 
 def test_remat_policies_give_the_same_gradients():
