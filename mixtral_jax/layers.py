@@ -204,9 +204,10 @@ def _dense_jvp(primals, tangents):
     x, w = primals
     dx, dw = tangents
     out = dense(x, w)
-    # [D, N] in its own buffer: XLA:CPU would fold a bare transpose into the weight gradient's
-    # matmul, which then runs on Eigen at ~60% of YNNPACK's rate on a row-major x_t
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    x_t = x.reshape(-1, x.shape[-1]).T  # [D, N]
+    if jax.default_backend() == "cpu":  # in its own buffer: XLA:CPU would fold the transpose into the
+        # weight gradient's matmul, which then runs on Eigen at ~60% of YNNPACK's rate on a row-major x_t
+        x_t = jax.lax.optimization_barrier(x_t)
     # the weight term as x_t^T dw: its transpose, the weight gradient, is then x_t @ g
     dw_term = jax.lax.dot_general(x_t, dw, (((0,), (0,)), ((), ()))).reshape(out.shape)
     return out, jnp.einsum("...d,do->...o", dx, w) + dw_term
