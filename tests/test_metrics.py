@@ -70,16 +70,47 @@ def test_plot_run_without_metrics_is_a_user_error(tmp_path):
         plot_run(tmp_path)
 
 
-def test_train_bench_reports_its_keys():
-    from mixtral_jax.train import bench
+def tiny_bench_config():
     from mixtral_jax.train.config import load_run_config
 
-    run = load_run_config("bench-tiny", ["train.steps=2", "train.batch_size=2", "train.seq_len=16",
-                                         "model.vocab_size=512", "model.hidden_size=64",
-                                         "model.intermediate_size=64",
-                                         "model.moe_impl=reference"])  # the cheapest step to compile
-    result = bench.measure(run, torch_steps=0, matmul_size=256)
+    return load_run_config("bench-tiny", ["train.steps=2", "train.batch_size=2", "train.seq_len=16",
+                                          "model.vocab_size=512", "model.hidden_size=64",
+                                          "model.intermediate_size=64",
+                                          "model.moe_impl=reference"])  # the cheapest step to compile
+
+
+def test_train_bench_reports_its_keys():
+    from mixtral_jax.train import bench
+
+    result = bench.measure(tiny_bench_config(), torch_steps=0, matmul_size=256)
     assert set(bench.RESULT_KEYS) <= set(result)
     assert result["tokens_per_sec"] > 0 and 0 < result["mfu"] and result["peak_rss_mb"] > 0
     assert math.isfinite(result["final_loss"])
     assert result["torch_tokens_per_sec"] is None and result["speedup_vs_torch"] is None
+    assert result["torch_malloc_tuned_tokens_per_sec"] is None
+
+
+def test_train_bench_times_transformers_in_processes_of_its_own():
+    from mixtral_jax.train import bench
+
+    run = tiny_bench_config()
+    result = bench.measure(run, torch_steps=3, blocks=2, warmup=1, matmul_size=256)
+    tokens = run.train.batch_size * run.train.seq_len
+    for prefix in bench.TORCH_RUNS:
+        seconds = result[f"{prefix}_step_time_median_s"]
+        assert seconds > 0 and result[f"{prefix}_tokens_per_sec"] == pytest.approx(tokens / seconds)
+        assert result[f"speedup_vs_{prefix}"] > 0 and result[f"{prefix}_mfu"] > 0
+    assert result["meets_goals"]["speedup_vs_torch"] == (result["speedup_vs_torch"] >= 1.2)
+
+
+def test_a_failing_transformers_process_is_an_error_not_a_hang():
+    from mixtral_jax.train import bench
+
+    run = tiny_bench_config()
+    out_of_vocab = bench.random_batches(run.model_config.vocab_size * 4, 2, 16, seed=1)  # ids past the embedding
+    process = bench.TorchProcess(run, out_of_vocab, warmup=1, tune_malloc=False)
+    try:
+        with pytest.raises(RuntimeError, match="transformers' process failed: IndexError"):
+            process.wait_ready()
+    finally:
+        process.close()
