@@ -195,7 +195,9 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
 
     Each block times some JAX steps, some steps of each transformers process and
     the matmul rate; speedups and MFU are medians of the per-block ratios, so a
-    load change on a shared machine between blocks does not skew them.
+    load change on a shared machine between blocks does not skew them. The
+    transformers processes are spawned: from a script of your own, call this under
+    `if __name__ == "__main__":`, as multiprocessing requires.
     """
     from mixtral_jax.benchmarks.timing import matmul_flops_per_second
 
