@@ -46,7 +46,7 @@ def add_arguments(parser):
     parser.add_argument("--torch-steps", type=int, default=None,
                         help="timed steps of each transformers process (default: train.steps; 0 skips them)")
     parser.add_argument("--blocks", type=int, default=3,
-                        help="JAX and torch alternate in this many blocks of steps")
+                        help="JAX and the transformers processes alternate in this many blocks of steps")
     parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n fp32 matmul rate")
 
 
