@@ -30,6 +30,7 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 OPT_OUT = "MIXTRAL_JAX_SYSTEM_MALLOC"  # set to 1 to leave glibc's defaults alone
+_applied = False  # whether reuse_freed_memory() has changed this process's malloc
 
 
 def runs_on_cpu() -> bool:
@@ -51,7 +52,15 @@ def reuse_freed_memory() -> bool:
     """
     if os.environ.get(OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc" or not runs_on_cpu():
         return False
+    global _applied
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     # mallopt's int becomes a size_t threshold: -1 is SIZE_MAX, never trim
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    if all(libc.mallopt(param, value) == 1 for param, value in settings):
+        _applied = True
+    return _applied
+
+
+def reusing_freed_memory() -> bool:
+    """Whether `reuse_freed_memory()` has applied in this process."""
+    return _applied

@@ -15,7 +15,8 @@ from mixtral_jax.allocator import reuse_freed_memory, runs_on_cpu
 # int-sized trim threshold would give that one back to the kernel in between).
 SCRIPT = """
 import ctypes, ctypes.util, json, resource, statistics
-from mixtral_jax.allocator import reuse_freed_memory
+from mixtral_jax.allocator import reuse_freed_memory, reusing_freed_memory
+reported_before = reusing_freed_memory()
 applied = reuse_freed_memory()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -33,7 +34,7 @@ for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     double(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "faults": statistics.median(faults[-10:]),
+print(json.dumps({"applied": applied, "reported": [reported_before, reusing_freed_memory()], "faults": statistics.median(faults[-10:]),
                   "pages": x.nbytes // resource.getpagesize(),
                   "big_faults": big_faults, "big_pages": big // resource.getpagesize()}))
 """
@@ -51,6 +52,7 @@ def _run(opt_out: bool) -> dict:
 def test_freed_buffers_are_reused_without_page_faults_unless_opted_out():
     kept, system = _run(opt_out=False), _run(opt_out=True)
     assert kept["applied"] and not system["applied"]
+    assert kept["reported"] == [False, True] and system["reported"] == [False, False]
     assert system["faults"] > system["pages"] / 2  # glibc maps and unmaps each buffer anew
     assert kept["faults"] < kept["pages"] / 20
     assert system["big_faults"] > system["big_pages"] / 2

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from mixtral_jax.allocator import reusing_freed_memory
 from mixtral_jax.configtools import UserError
 from mixtral_jax.train.metrics import MetricsLogger, read_metrics
 from mixtral_jax.train.plots import plot_run
@@ -84,6 +85,7 @@ def test_train_bench_reports_its_keys():
 
     result = bench.measure(tiny_bench_config(), torch_steps=0, matmul_size=256)
     assert set(bench.RESULT_KEYS) <= set(result)
+    assert result["malloc_tuned"] is reusing_freed_memory()  # pytest's process: as earlier tests left it
     assert result["tokens_per_sec"] > 0 and 0 < result["mfu"] and result["peak_rss_mb"] > 0
     assert math.isfinite(result["final_loss"])
     assert result["torch_tokens_per_sec"] is None and result["speedup_vs_torch"] is None

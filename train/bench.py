@@ -30,7 +30,7 @@ from mixtral_jax.configtools import UserError
 
 RESULT_KEYS = (
     "config", "batch_size", "seq_len", "moe_impl", "tokens_per_sec", "step_time_median_s", "mfu",
-    "train_flops_per_token", "matmul_flops_per_sec", "peak_rss_mb", "final_loss",
+    "train_flops_per_token", "matmul_flops_per_sec", "peak_rss_mb", "final_loss", "malloc_tuned",
     "torch_tokens_per_sec", "torch_step_time_median_s", "torch_mfu", "torch_experts_implementation",
     "speedup_vs_torch", "torch_malloc_tuned_tokens_per_sec", "torch_malloc_tuned_step_time_median_s",
     "torch_malloc_tuned_mfu", "speedup_vs_torch_malloc_tuned", "goals", "meets_goals",
@@ -54,7 +54,7 @@ def run(args) -> dict:
     from mixtral_jax.allocator import reuse_freed_memory
     from mixtral_jax.train.config import load_run_config
 
-    reuse_freed_memory()  # as `mixtral-jax train` does; process-wide, so transformers' steps run with it too
+    reuse_freed_memory()  # as `mixtral-jax train` does (the transformers processes decide for themselves)
 
     if (args.torch_steps or 0) < 0 or args.blocks < 1 or args.matmul_size < 1:
         raise UserError("--torch-steps must be >= 0, --blocks and --matmul-size positive")
@@ -197,8 +197,12 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
     the matmul rate; speedups and MFU are medians of the per-block ratios, so a
     load change on a shared machine between blocks does not skew them. The
     transformers processes are spawned: from a script of your own, call this under
-    `if __name__ == "__main__":`, as multiprocessing requires.
+    `if __name__ == "__main__":`, as multiprocessing requires, and call
+    `allocator.reuse_freed_memory()` first, as the CLI does (`malloc_tuned` says
+    whether it applied): without it, every bench-small step faults in ~2 GB of
+    fresh pages (~3.6 s a step becomes ~4.1 s on a Zen 4 machine).
     """
+    from mixtral_jax.allocator import reusing_freed_memory
     from mixtral_jax.benchmarks.timing import matmul_flops_per_second
 
     config, train = run_cfg.model_config, run_cfg.train
@@ -245,6 +249,7 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
         "matmul_flops_per_sec": statistics.median(rate for _, rate in per_block),
         "peak_rss_mb": peak_rss_mb,
         "final_loss": last_loss(),
+        "malloc_tuned": reusing_freed_memory(),
         "torch_experts_implementation": torch_runs["torch"].experts_implementation if torch_runs else None,
     }
     for prefix in TORCH_RUNS:
