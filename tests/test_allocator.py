@@ -34,7 +34,8 @@ for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     double(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "reported": [reported_before, reusing_freed_memory()], "faults": statistics.median(faults[-10:]),
+print(json.dumps({"applied": applied, "reported": [reported_before, reusing_freed_memory()],
+                  "faults": statistics.median(faults[-10:]),
                   "pages": x.nbytes // resource.getpagesize(),
                   "big_faults": big_faults, "big_pages": big // resource.getpagesize()}))
 """
