@@ -8,8 +8,10 @@ are ignored). Blank lines are skipped.
 Output: one JSON object per input line, in completion order:
     {"id", "line", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
 or  {"id", "line", "error"} for a line that cannot run (bad JSON or UTF-8, a
-missing or mistyped field, a prompt longer than the context, a duplicate id:
-the first line with an id runs, later ones are errors). `line` is the 1-based
+missing, mistyped or out-of-range field (the rules of `Generator.check`, which
+`generate` applies too: 0 <= seed < 2**32, finite temperature and top_p, no
+empty stop string), a prompt longer than the context, a duplicate id: the
+first line with an id runs, later ones are errors). `line` is the 1-based
 input line; `id` is null when the line has none.
 
 Nothing is lost: error records are written first, then each batch's records
@@ -39,7 +41,7 @@ import zlib
 from collections.abc import Iterator
 
 from mixtral_jax.configtools import UserError
-from mixtral_jax.infer.generate import Generator, Request
+from mixtral_jax.infer.generate import Generator, Request, require_chat_format
 
 SETTINGS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float),
             "seed": int}
@@ -140,8 +142,7 @@ def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
             raise UserError(f"prompt must be a string, got {type(obj['prompt']).__name__}")
         ids = tokenizer.encode(obj["prompt"])
     else:
-        if not hasattr(tokenizer, "encode_chat"):
-            raise UserError("this tokenizer has no chat format for 'messages'")
+        require_chat_format(tokenizer)
         ids = tokenizer.encode_chat(obj["messages"])
     settings = {}
     for key, kind in SETTINGS.items():
@@ -153,10 +154,10 @@ def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
         settings["seed"] = zlib.crc32(json.dumps([defaults.seed, obj["id"]]).encode())
     stop = obj.get("stop", defaults.stop)
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise UserError("stop must be a non-empty string or a list of them")
+    if not isinstance(stop, list):
+        raise UserError(f"stop must be a string or a list of strings, got {stop!r:.80}")
     request = Request(ids, stop=tuple(stop), **settings)
-    generator.check(request)
+    generator.check(request)  # the rules `generate` applies too: settings' ranges, non-empty stop strings
     return request
 
 

@@ -27,17 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.benchmarks.timing import median_seconds
+from mixtral_jax.configtools import UserError, require_positive
 
 GOALS = {"speedup_vs_torch": 3.0, "bound_ratio": 2.0}
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax bench decode`'s options to `parser`."""
     parser.add_argument("--presets", default="bench-tiny,bench-small", help="comma-separated presets")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each side, alternating (median)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(size) for size in text.split(",")]
+    except ValueError:
+        raise UserError(f"--batches takes comma-separated integers, got {text!r}") from None
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -146,18 +155,23 @@ def measure(config, model, prompts: np.ndarray, new_tokens: int, repeats: int, t
 
 
 def run(args) -> dict:
+    """The result of `mixtral-jax bench decode` for the parsed `args` (the CLI prints it as JSON)."""
     from mixtral_jax.config import preset
     from mixtral_jax.model import init
 
+    batches = _batch_sizes(args.batches)
+    configs = {name: preset(name) for name in args.presets.split(",")}
+    require_positive({"--prompt-len": args.prompt_len, "--repeats": args.repeats, "--batches": min(batches)})
+    if args.new_tokens < 2:  # decode's rate is the time for all new tokens less the time for the first
+        raise UserError(f"--new-tokens must be at least 2, got {args.new_tokens}")
     bandwidth = read_bandwidth()
     report = {"backend": jax.default_backend(), "devices": jax.device_count(),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "read_bandwidth_gb_per_s": round(bandwidth / 1e9, 2), "goals": GOALS, "results": []}
     rng = np.random.default_rng(0)
-    for name in args.presets.split(","):
-        config = preset(name)
+    for name, config in configs.items():
         model = init(config, seed=0)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
             entry = {"preset": name, "batch": batch,
                      **measure(config, model, prompts, args.new_tokens, args.repeats, torch=not args.no_torch)}

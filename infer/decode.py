@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax._grouped import TAIL_ROWS, head_blocks, run_group_blocks
-from mixtral_jax.layers import SKINNY_ROWS, KVCache, matmul
+from mixtral_jax.layers import SKINNY_ROWS, KVCache
 from mixtral_jax.moe import experts_fn_for, resolve_impl, sorted_experts, swiglu
 
 

@@ -6,6 +6,8 @@ scored framed as training sees it, `BOS ids... EOS`: every token after BOS is
 predicted once. A document longer than `seq_len` is cut into windows of
 `seq_len` predictions, each starting afresh (the window's first token is the
 previous window's last), so the numbers match a model trained at `seq_len`.
+A pre-tokenized `.npy` file (training's `tokens` source) holds no documents to
+read this way and is refused, as are invalid UTF-8 and a file with no text.
 """
 
 from __future__ import annotations
@@ -21,18 +23,24 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.configtools import UserError
-from mixtral_jax.documents import file_format, read_jsonl
+from mixtral_jax.documents import file_format, holds_text, read_texts
 from mixtral_jax.infer.generate import bucket
 
 
 def read_documents(path: str | pathlib.Path, text_field: str = "text") -> list[str]:
-    """The documents of a text file (one) or a JSONL file (one per non-blank line)."""
+    """The documents of a text file (one) or a JSONL file (one per non-blank line); UserError
+    for a missing file, a pre-tokenized .npy file (training data, not documents), or no text."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} not found")
-    if file_format(path) == "jsonl":
-        return read_jsonl(path, text_field)
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    fmt = file_format(path)
+    if fmt == "tokens":
+        raise UserError(f"{path}: eval reads text or JSONL documents; a .npy file holds token ids "
+                        f"(training data), not documents")
+    texts = read_texts(path, fmt, text_field)
+    if not holds_text(texts):
+        raise UserError(f"{path} holds no documents")
+    return texts
 
 
 def windows(tokens: list[int], seq_len: int) -> list[list[int]]:
@@ -94,8 +102,6 @@ def evaluate(model, tokenizer, path, *, seq_len: int, batch_size: int, text_fiel
              mesh=None, progress: bool = False) -> tuple[dict, list[dict]]:
     """(summary with the perplexity, one record per document) for the documents in `path`."""
     texts = read_documents(path, text_field)
-    if not texts:
-        raise UserError(f"{path} holds no documents")
     documents = tokenizer.encode_batch(texts, bos=True, eos=True)
     results = score(model, documents, seq_len=seq_len, batch_size=batch_size, mesh=mesh, progress=progress)
     records = [{"doc": i, "tokens": count, "log_likelihood": -nll,

@@ -27,7 +27,7 @@ from flax import nnx
 
 from mixtral_jax.configtools import UserError
 from mixtral_jax.infer import decode as programs
-from mixtral_jax.infer.sampling import make_sampler, row_keys
+from mixtral_jax.infer.sampling import check_seeds, make_sampler, row_keys
 
 MIN_PROMPT_BUCKET = 16
 MIN_BUFFER_BUCKET = 16
@@ -81,11 +81,24 @@ def prompt_ids(prompt, tokenizer) -> list[int]:
     if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
         if tokenizer is None:
             raise UserError("a conversation prompt needs a tokenizer")
+        require_chat_format(tokenizer)
         return tokenizer.encode_chat(prompt)
     if isinstance(prompt, (Sequence, np.ndarray)) and all(
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
         return [int(t) for t in prompt]
     raise UserError(f"a prompt must be a string, a list of messages or a list of token ids, got {prompt!r:.80}")
+
+
+def require_chat_format(tokenizer) -> None:
+    """UserError, naming the tokenizer, unless it has an instruct chat format (`encode_chat`)."""
+    if hasattr(tokenizer, "encode_chat"):
+        return
+    name = getattr(tokenizer, "name", None) or getattr(tokenizer, "path", None)
+    if name == "bytes":
+        what = "the byte tokenizer"
+    else:
+        what = f"tokenizer {name!r}" if name else f"the {type(tokenizer).__name__} tokenizer"
+    raise UserError(f"{what} has no chat format (conversations need an instruct model's tokenizer)")
 
 
 def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 256,
@@ -150,12 +163,20 @@ class Generator:
         bad = next((t for t in request.prompt if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
             raise UserError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        self.check_settings(request)
+
+    def check_settings(self, request: Request) -> None:
+        """UserError when a request's settings (its prompt aside) cannot run: max_new_tokens < 0,
+        an empty stop string, or a sampling setting `make_sampler` or `check_seeds` rejects."""
         if request.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        if not all(isinstance(s, str) and s for s in request.stop):
+            raise UserError(f"stop strings must be non-empty strings, got {list(request.stop)!r:.80}")
         if request.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer")
         try:
-            make_sampler(request.temperature, request.top_k, request.top_p)
+            make_sampler(request.temperature, request.top_k, request.top_p, vocab_size=self.config.vocab_size)
+            check_seeds([request.seed])
         except ValueError as err:
             raise UserError(str(err)) from None
 

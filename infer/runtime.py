@@ -29,7 +29,7 @@ class InferenceConfig:
     seed: int = 0
     stop: list[str] = dataclasses.field(default_factory=list)
     batch_size: int = 16  # rows per compiled batch (batch, eval)
-    seq_len: int = 2048  # eval: tokens per scored window
+    seq_len: int | None = None  # eval: tokens per scored window (None: the model's context, at most 2048)
     tokenizer: str | None = None  # default: the model config's; "bytes" for byte-level test models
     compile_cache: str | None = None  # None: the user cache dir (or $MIXTRAL_JAX_COMPILE_CACHE); "": off
     mesh: MeshConfig | None = None  # None: one device
@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
 def read_config(args) -> InferenceConfig:
     """The command's settings, checked."""
     config = build(InferenceConfig, load(args.config, args.overrides))
-    if config.batch_size < 1 or config.seq_len < 2 or config.max_new_tokens < 0:
+    if config.batch_size < 1 or (config.seq_len is not None and config.seq_len < 2) or config.max_new_tokens < 0:
         raise UserError("batch_size must be >= 1, seq_len >= 2 and max_new_tokens >= 0")
     return config
 

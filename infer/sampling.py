@@ -21,6 +21,8 @@ import numpy as np
 
 _REMOVED = -jnp.inf
 _CHUNK = 128  # vocabulary entries per chunk of `argmax`
+_INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**32  # seeds are uint32: 0 <= seed < SEED_LIMIT
 
 
 def argmax(logits):
@@ -62,6 +64,7 @@ class Temperature:
     temperature: jax.Array  # [B] float32
 
     def filter(self, logits):
+        """logits [B, V] divided by each row's temperature; a greedy row keeps only its maximum."""
         t = self.temperature[:, None]
         greedy = jnp.where(logits >= jnp.max(logits, axis=-1, keepdims=True), logits, _REMOVED)
         return jnp.where(t > 0, logits / jnp.where(t > 0, t, 1.0), greedy)
@@ -75,8 +78,10 @@ class TopK:
     static_max_k: int  # a static bound on k (lax.top_k needs one)
 
     def filter(self, logits):
-        top = jax.lax.top_k(logits, self.static_max_k)[0]  # [B, max_k], descending
-        kth = jnp.take_along_axis(top, jnp.clip(self.k - 1, 0)[:, None], axis=-1)  # [B, 1]
+        """logits [B, V] with all but each row's k largest set to -inf."""
+        max_k = min(self.static_max_k, logits.shape[-1])  # k >= V keeps every token
+        top = jax.lax.top_k(logits, max_k)[0]  # [B, max_k], descending
+        kth = jnp.take_along_axis(top, jnp.clip(self.k - 1, 0, max_k - 1)[:, None], axis=-1)  # [B, 1]
         keep = (logits >= kth) | (self.k[:, None] <= 0)
         return jnp.where(keep, logits, _REMOVED)
 
@@ -88,6 +93,7 @@ class TopP:
     p: jax.Array  # [B] float32
 
     def filter(self, logits):
+        """logits [B, V] with the tokens outside each row's nucleus set to -inf."""
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
         probs = jax.nn.softmax(ordered, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -115,26 +121,58 @@ def make_sampler(temperature, top_k=0, top_p=1.0, batch: int = 1, vocab_size: in
     """The sampler for per-row (or scalar) settings.
 
     All rows at temperature 0 give `Greedy`; otherwise a `Categorical` with
-    only the filters some row needs. top_k 0 and top_p 1.0 mean "off".
+    only the filters some row needs. top_k 0 and top_p 1.0 mean "off"; a top_k
+    at or above the vocabulary keeps every token. ValueError (one line, naming
+    the first bad setting) unless temperature is finite and >= 0, top_k >= 0
+    and 0 < top_p <= 1.
     """
-    t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
-    k = np.broadcast_to(np.asarray(top_k, np.int32), (batch,))
-    p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
-    if (t < 0).any() or (k < 0).any() or (p <= 0).any() or (p > 1).any():
-        raise ValueError(f"invalid sampling settings: temperature {t}, top_k {k}, top_p {p} "
-                         "(need temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
+    t = _settings("temperature", temperature, np.float64, batch)
+    k = _settings("top_k", top_k, None, batch)
+    p = _settings("top_p", top_p, np.float64, batch)
+    _require("temperature", t, np.isfinite(t) & (t >= 0), "a finite number >= 0")
+    _require("top_k", k, k >= 0, "an integer >= 0 (0: off)")
+    _require("top_p", p, np.isfinite(p) & (p > 0) & (p <= 1), "a finite number in (0, 1] (1: off)")
+    k = np.minimum(k, vocab_size or _INT32_MAX).astype(np.int32)  # k >= V keeps all, as k = V does
     if not (t > 0).any():
         return Greedy()
-    filters = [Temperature(jnp.asarray(t))]
+    filters = [Temperature(jnp.asarray(t, jnp.float32))]
     sampled = t > 0
     if (k[sampled] > 0).any():
         max_k = 1 << (int(k.max()) - 1).bit_length()  # a power of two: few programs
         filters.append(TopK(jnp.asarray(k), min(max_k, vocab_size or max_k)))
     if (p[sampled] < 1).any():
-        filters.append(TopP(jnp.asarray(p)))
+        filters.append(TopP(jnp.asarray(p, jnp.float32)))
     return Categorical(tuple(filters))
+
+
+def _settings(name: str, values, dtype, batch: int) -> np.ndarray:
+    """One setting as an array [batch] (float64, or integers for top_k); ValueError for non-numbers."""
+    try:
+        array = np.asarray(values, dtype)
+        if array.dtype.kind not in "iuf":  # e.g. an integer beyond int64
+            array = array.astype(np.float64)
+    except (OverflowError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {values!r:.60}") from None
+    return np.broadcast_to(array, (batch,))
+
+
+def _require(name: str, values: np.ndarray, ok: np.ndarray, need: str) -> None:
+    """ValueError naming the first value of `values` that is not `ok`."""
+    if not ok.all():
+        raise ValueError(f"{name} must be {need}, got {values[~ok][0].item()!r}")
+
+
+def check_seeds(seeds) -> np.ndarray:
+    """Seeds [B] as uint32; ValueError (one line) unless each is an integer with 0 <= seed < 2**32."""
+    out = []
+    for seed in np.ravel(np.asarray(seeds, object)):
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer with 0 <= seed < 2**32, got {seed!r:.60}")
+        out.append(int(seed))
+    return np.asarray(out, np.uint32)
 
 
 def row_keys(seeds) -> jax.Array:
     """One PRNG key per row from integer seeds [B]; step t of a row uses fold_in(key, t)."""
-    return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
+    return jax.vmap(jax.random.key)(jnp.asarray(check_seeds(seeds)))

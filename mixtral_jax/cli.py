@@ -2,7 +2,9 @@
 
 Only the chosen subcommand's module is imported, so `mixtral-jax --help`
 answers instantly. A `UserError` (or a config error) becomes one line on
-stderr and exit status 2; anything else is a bug and keeps its traceback.
+stderr and exit status 2, and so does an `OSError` that escapes a command (a
+path of the wrong kind, no permission, a full disk: "error: PATH: reason");
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ COMMANDS = {
     "batch": "batch offline inference over a JSONL file of prompts",
     "eval": "perplexity and per-document log-likelihoods over a text or JSONL file",
     "convert": "convert between Hugging Face safetensors and mixtral-jax checkpoints",
-    "info": "parameter counts and FLOPs per token of a preset or checkpoint",
+    "info": "parameter counts and FLOPs per token of a preset",
     "plan": "compile a training step for a mesh ahead of time and report per-device memory",
     "bench": "speed benchmarks that print JSON (moe, compile, train, decode)",
     "tokenizer": "encode, decode, or train a SentencePiece tokenizer",
@@ -51,14 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     from mixtral_jax.config import ConfigError
     from mixtral_jax.configtools import UserError
+    from mixtral_jax.documents import os_error_message
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return _module(args.command).run(args) or 0
-    except (UserError, ConfigError) as err:
-        print(f"mixtral-jax {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, ConfigError, OSError) as err:
+        message = os_error_message(err) if isinstance(err, OSError) else str(err)
+        print(f"mixtral-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixtral-jax {args.command}: interrupted", file=sys.stderr)

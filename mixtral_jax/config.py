@@ -109,10 +109,12 @@ class MixtralConfig:
 
     @property
     def q_dim(self) -> int:
+        """Width of the query projection's output: heads x head size."""
         return self.num_attention_heads * self.head_size
 
     @property
     def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection's output: kv heads x head size."""
         return self.num_key_value_heads * self.head_size
 
     def _layer_params(self, experts: int) -> int:
@@ -187,6 +189,7 @@ class MixtralConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (this project's names; `to_hf_config` gives Hugging Face's)."""
         return dataclasses.asdict(self)
 
 
@@ -210,7 +213,8 @@ def mixtral_8x22b(**overrides) -> MixtralConfig:
 
 
 def tiny(**overrides) -> MixtralConfig:
-    """A few-thousand-parameter model for unit tests (vocab 256: byte-sized)."""
+    """A ~350k-parameter model for unit tests, fed token ids directly (vocab 256;
+    configs/tiny.yaml widens it to 272 for the byte tokenizer)."""
     sizes = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     return MixtralConfig(**{**sizes, **overrides})

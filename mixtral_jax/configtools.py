@@ -23,6 +23,13 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits non-zero."""
 
 
+def require_positive(values: dict[str, int]) -> None:
+    """Raises UserError naming the first option of {name: value} whose value is not positive."""
+    for name, value in values.items():
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+
+
 def find_config(name_or_path: str) -> pathlib.Path:
     """A YAML path as given, or a name from the bundled configs/ ("tiny", "configs/tiny.yaml")."""
     path = pathlib.Path(name_or_path)

@@ -58,11 +58,20 @@ MIXED = [
 ]
 
 
-def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
+def run_twice(tmp_path, generator, rows, batch_size):
+    """The records and counts of a job over `rows`, after checking that running the same job
+    again completes nothing more."""
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_lines(source, MIXED)
-    counts = run_job(generator, source, out, SETTINGS, batch_size=4, progress=False)
-    records = {r["line"]: r for r in read_records(out)}
+    write_lines(source, rows)
+    counts = run_job(generator, source, out, SETTINGS, batch_size=batch_size, progress=False)
+    records = read_records(out)
+    assert run_job(generator, source, out, SETTINGS, batch_size=batch_size, progress=False)["completed"] == 0
+    return records, counts
+
+
+def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
+    records, counts = run_twice(tmp_path, generator, MIXED, batch_size=4)
+    records = {r["line"]: r for r in records}
     assert sorted(records) == list(range(1, len(MIXED) + 1))
     errors = {line: r["error"] for line, r in records.items() if "error" in r}
     assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10}
@@ -75,7 +84,29 @@ def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
     assert records[8]["completion_tokens"] <= 3
     assert records[11]["finish_reason"] in ("eos", "length", "stop")
     assert (counts["completed"], counts["errors"]) == (3, 8)
-    assert run_job(generator, source, out, SETTINGS, batch_size=4, progress=False)["completed"] == 0
+
+
+OUT_OF_RANGE = [  # bad settings among good rows of the same batch
+    {"id": "ok1", "prompt": "hello", "temperature": 0.8, "top_k": 5},
+    {"id": "neg", "prompt": "hello", "seed": -1, "temperature": 0.8, "top_k": 5},
+    {"id": "big", "prompt": "hi", "seed": 99999999999},
+    {"id": "ok2", "prompt": "hey", "seed": 4294967295, "temperature": 0.8, "top_k": 5},
+    {"id": "k", "prompt": "hey", "top_k": 99999999999, "temperature": 1},  # k >= vocabulary: keep all
+    b'{"id": "t", "prompt": "hey", "temperature": NaN}',
+    b'{"id": "p", "prompt": "hey", "temperature": 1, "top_p": NaN}',
+    {"id": "s", "prompt": "hey", "stop": ["x", ""]},
+]
+
+
+def test_out_of_range_settings_become_error_records(tmp_path, generator):
+    records, counts = run_twice(tmp_path, generator, OUT_OF_RANGE, batch_size=8)
+    records = {r["id"]: r for r in records}
+    assert sorted(r["line"] for r in records.values()) == list(range(1, len(OUT_OF_RANGE) + 1))
+    for row_id, word in {"neg": "2**32", "big": "2**32", "t": "temperature", "p": "top_p", "s": "stop"}.items():
+        assert word in records[row_id]["error"], records[row_id]
+    for row_id in ("ok1", "ok2", "k"):
+        assert records[row_id]["finish_reason"] in ("eos", "length"), records[row_id]
+    assert (counts["completed"], counts["errors"]) == (3, 5)
 
 
 def test_process_shards_cover_every_line_once(tmp_path, generator):

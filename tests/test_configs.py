@@ -32,3 +32,18 @@ def test_dotted_overrides_reach_the_sections():
 def test_malformed_overrides_are_one_clear_error(item):
     with pytest.raises(UserError, match="dotted.key=value"):
         parse_overrides([item])
+
+
+def test_info_reports_the_presets_counts_and_refuses_a_bad_length(capsys):
+    import json
+
+    import mixtral_jax
+    from mixtral_jax.cli import main
+
+    assert main(["info", "--preset", "tiny", "--seq-len", "64", "num_hidden_layers=3"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    config = mixtral_jax.preset("tiny", num_hidden_layers=3)
+    assert report["total_params"] == config.num_params and report["seq_len"] == 64
+    assert report["train_flops_per_token"] == config.flops_per_token(64, training=True)
+    assert main(["info", "--preset", "tiny", "--seq-len", "-5"]) == 2
+    assert capsys.readouterr().err.strip() == "mixtral-jax info: error: --seq-len must be positive, got -5"

@@ -163,3 +163,22 @@ def test_bad_settings_are_user_errors(corpus):
         loader(corpus, batch=3, process_count=2)
     with pytest.raises(UserError, match="data.format"):
         build(DataConfig, {"format": "csv"}, "data")
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    (tmp_path / "rows.jsonl").write_bytes(b'{"text": "a"}\n{"text": "b\xffc"}\n')
+    (tmp_path / "doc.txt").write_bytes(b"first line\nsecond \xfe line\n")
+    with pytest.raises(UserError, match=r"rows.jsonl:2: not valid UTF-8 \(byte 0xff\)"):
+        loader(str(tmp_path / "rows.jsonl"))
+    with pytest.raises(UserError, match=r"doc.txt:2: not valid UTF-8 \(byte 0xfe\)"):
+        loader(str(tmp_path / "doc.txt"))
+
+
+def test_text_newlines_are_read_as_open_reads_them_and_empty_text_is_empty(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\rc\n")
+    (tmp_path / "lf.txt").write_bytes(b"a\nb\nc\n")
+    assert_same(take(loader(str(tmp_path / "crlf.txt"), shuffle=False), 2),
+                take(loader(str(tmp_path / "lf.txt"), shuffle=False), 2))
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    with pytest.raises(UserError, match="blank.jsonl is empty"):
+        loader(str(tmp_path / "blank.jsonl"))

@@ -211,6 +211,43 @@ def test_generate_command_streams_text(tmp_path, capsys):
     assert main(args + ["max_new_tokens=lots"]) == 2
 
 
+def test_generate_command_rejects_bad_settings_in_one_line(tmp_path, capsys):
+    from mixtral_jax.checkpoint import save_params
+    from mixtral_jax.cli import main
+
+    config = mj.preset("tiny", vocab_size=259, tokenizer="bytes", moe_impl="reference")
+    save_params(tmp_path / "run", mj.init(config, seed=0))
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "tokenizer=bytes", "compile_cache=",
+            "max_new_tokens=3"]
+    prompt = ["--prompt", "The"]  # after the key=value settings
+    for settings, word in [(["seed=-1", "temperature=1"], "2**32"), (["seed=99999999999"], "2**32"),
+                           (["temperature=nan"], "temperature"), (["top_p=nan", "temperature=1"], "top_p"),
+                           (["temperature=inf"], "temperature"), (['stop=[""]'], "stop")]:
+        assert main(args + settings + prompt) == 2, settings
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and word in err, err
+    assert main(args + prompt + ["--system", "be brief"]) == 2  # --system is for --chat turns only
+    assert "--system only applies with --chat" in capsys.readouterr().err
+    assert main(args + ["--chat"]) == 2
+    assert "the byte tokenizer has no chat format" in capsys.readouterr().err
+    assert main(args + ["top_k=99999999999", "temperature=1"] + prompt) == 0  # k >= vocabulary: keep all
+
+
+def test_sampling_settings_are_checked_not_overflowed():
+    for settings, word in [((float("nan"),), "temperature"), ((1.0, 0, float("nan")), "top_p"),
+                           ((float("inf"),), "temperature"), ((1.0, -1), "top_k"), ((1.0, 10**400), "top_k")]:
+        with pytest.raises(ValueError, match=word):
+            sampling.make_sampler(*settings)
+    huge = sampling.make_sampler(1.0, 99999999999, vocab_size=259)  # clamped, not an int32 overflow
+    assert huge.filters[1].k.tolist() == [259]
+    unbounded = sampling.make_sampler(1.0, 99999999999)  # no vocab_size: the logits bound k
+    assert np.isfinite(np.asarray(unbounded.filters[1].filter(jnp.zeros((1, 7))))).all()
+    for seed in (-1, 2**32, 99999999999, True, 1.5):
+        with pytest.raises(ValueError, match=r"0 <= seed < 2\*\*32"):
+            sampling.row_keys([0, seed])
+    assert sampling.check_seeds([0, 2**32 - 1]).tolist() == [0, 2**32 - 1]
+
+
 def test_split_weights_restack_exactly_and_cheaply():
     """split_layers then _merge gives the model's own arrays back (expert weights transposed,
     as blocked_ffn(out_in=True) reads them), with work per leaf

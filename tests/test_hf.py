@@ -156,3 +156,16 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, capsys, corrupt, message)
     assert not (tmp_path / "ours" / "checkpoints").exists()
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         load(directory)
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    _, directory = make_hf_model(tmp_path)
+    save_params(tmp_path / "run", mixtral_jax.init(mixtral_jax.preset("tiny"), seed=0))
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()
+    for argv, flag in [(["--checkpoint", str(tmp_path / "run"), "--to-hf"], "--to-hf"),
+                       (["--from-hf", str(directory), "--out"], "--out")]:
+        assert main(["convert", *argv, str(tmp_path / "a-file")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"mixtral-jax convert: error: {flag} {tmp_path / 'a-file'} is a file, not a folder; name a folder\n"
+    assert (tmp_path / "a-file").read_text() == ""

@@ -169,7 +169,7 @@ def test_load_balancing_loss_is_top_k_when_perfectly_balanced(style, top_k):
 @pytest.mark.parametrize("style", ["pooled", "per_layer"])
 def test_load_balancing_loss_grows_when_one_expert_takes_everything(style):
     logits = jnp.zeros((16, E)).at[:, 0].set(4.0)
-    weights, expert_idx = moe.route(logits, 2)
+    _, expert_idx = moe.route(logits, 2)
     stats = jax.tree.map(lambda a: a[None], moe.router_stats(logits, expert_idx, jnp.ones(16), 0.0))
     assert moe.load_balancing_loss(stats, style) > 2 * 2
 
@@ -214,6 +214,30 @@ def test_bench_compile_reports_both_depths(monkeypatch):
     assert compiled == [2, 2, 32, 2, 32]  # a warm-up, then the depths alternate
     assert report["layers"] == [2, 32] and report["seconds"] == [2.0, 32.0]
     assert report["ratio"] == 16.0 and report["moe_impl"] == "reference"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--batches", "1,abc"], "--batches takes comma-separated integers, got '1,abc'"),
+    (["decode", "--batches", "8,0"], "--batches must be positive, got 0"),
+    (["decode", "--repeats", "0"], "--repeats must be positive, got 0"),
+    (["decode", "--new-tokens", "1"], "--new-tokens must be at least 2, got 1"),
+    (["decode", "--presets", "tiny,nope"], "unknown model preset 'nope'"),
+    (["compile", "--layers", "0", "32"], "--layers must be positive, got 0"),
+    (["moe", "--ffn", "-1"], "--ffn must be positive, got -1"),
+])
+def test_bench_arguments_are_checked_before_any_measuring(argv, message, monkeypatch, capsys):
+    from mixtral_jax.cli import main
+    from mixtral_jax.infer import bench as decode_bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before checking the arguments")
+
+    for module, name in ((decode_bench, "read_bandwidth"), (compile_bench, "compile_seconds"),
+                         (moe_bench, "moe_case")):
+        monkeypatch.setattr(module, name, measured)
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("blocks", [(256, 16), (12, 5)])

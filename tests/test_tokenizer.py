@@ -1,7 +1,9 @@
 """The SentencePiece tokenizer: round trips, the chat format against mistral-common,
 streaming decode, training a tiny model with Mixtral's layout, and the CLI."""
 
+import io
 import random
+import sys
 
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
@@ -247,3 +249,30 @@ def test_cli(tmp_path, corpus, capsys):
     for argv in bad_calls:
         assert cli.main(argv) == 2, argv
         assert "mixtral-jax tokenizer: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stdin, argv_text, message", [
+    (b"a\xffb", "-", "<stdin>:1: not valid UTF-8 (byte 0xff)"),
+    (b"line one\nline \xc3( two", "-", "<stdin>:2: not valid UTF-8 (byte 0xc3)"),
+    (b"", "a\udcffb", "--text:1: not valid UTF-8 (byte 0xff)"),  # undecodable argv bytes
+])
+def test_invalid_utf8_text_is_one_line(monkeypatch, capsys, stdin, argv_text, message):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    assert cli.main(["tokenizer", "encode", "--text", argv_text]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mixtral-jax tokenizer: error: {message}\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("Hello world".encode())))
+    assert cli.main(["tokenizer", "encode", "--text", "-"]) == 0
+    assert capsys.readouterr().out.split() == ["1", "22557", "1526"]
+
+
+def test_train_out_is_checked_before_training(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(tokenizer, "train", lambda *a, **k: pytest.fail("trained before --out was checked"))
+    (tmp_path / "a-file").write_text("")
+    for out, message in [(tmp_path, "is a folder; name a file"),
+                         (tmp_path / "a-file" / "x.model", "a-file is a file, not a folder")]:
+        assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
+                         "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mixtral-jax tokenizer: error: --out") and message in err
+    assert not (tmp_path / "x.model").exists()

@@ -214,3 +214,22 @@ def test_skip_nonfinite_discards_the_bad_updates(tmp_path, capsys):
                   for s in (1, 4)}
     jax.tree.map(np.testing.assert_array_equal, after_step[4], after_step[1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_step[4]))
+
+
+@pytest.mark.parametrize("run_dir, message", [
+    ("a-file", "is a file, not a folder"),
+    ("a-file/run", "a-file is a file, not a folder"),
+    ("old/checkpoints/3", "in the checkpoints/ of the run {old}"),  # a step folder of another run
+    ("old/checkpoints", "pass run_dir={old}"),
+])
+def test_a_run_dir_of_the_wrong_kind_is_one_clear_line(tmp_path, capsys, run_dir, message):
+    old = tmp_path / "old"  # another run, with a step saved
+    (old / checkpoint.CHECKPOINTS / "3" / checkpoint.PARAMS).mkdir(parents=True)
+    (old / checkpoint.CONFIG_FILE).write_text("model: {}\n")
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["train", "--config", "tiny", f"run_dir={tmp_path / run_dir}", "train.steps=1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("mixtral-jax train: error:")
+    assert message.format(old=old) in error
+    assert sorted(p.name for p in (old / checkpoint.CHECKPOINTS / "3").iterdir()) == [checkpoint.PARAMS]
+    assert sorted(p.name for p in (old / checkpoint.CHECKPOINTS).iterdir()) == ["3"]

@@ -40,6 +40,7 @@ GOALS = {"speedup_vs_torch": 1.2, "mfu": 0.70}
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax bench train`'s options to `parser`."""
     from mixtral_jax.cli import add_config_arguments
 
     add_config_arguments(parser, default="bench-tiny")
@@ -51,6 +52,7 @@ def add_arguments(parser):
 
 
 def run(args) -> dict:
+    """The result of `mixtral-jax bench train` for the parsed `args` (the CLI prints it as JSON)."""
     from mixtral_jax.allocator import reuse_freed_memory
     from mixtral_jax.train.config import load_run_config
 

@@ -39,7 +39,7 @@ import grain
 import numpy as np
 
 from mixtral_jax.configtools import UserError
-from mixtral_jax.documents import file_format, read_jsonl
+from mixtral_jax.documents import file_format, holds_text, read_texts
 
 BUILTIN = "builtin"
 _BUILTIN_STREAMS: dict[tuple[str, str], np.ndarray] = {}  # tokenizer key -> builtin token stream
@@ -136,14 +136,10 @@ def token_streams(data: DataConfig, tokenizer) -> list[np.ndarray]:
             stream = _read_tokens(path, tokenizer.vocab_size)
             streams.append(stream)
             empty = stream.size == 0
-        elif fmt == "jsonl":
-            documents = read_jsonl(path, data.text_field)
-            texts += documents
-            empty = not any(documents)
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            texts.append(text)
-            empty = not text.strip()
+            documents = read_texts(path, fmt, data.text_field)
+            texts += documents
+            empty = not holds_text(documents)
         if empty:
             raise UserError(f"data file {path} is empty")
     if texts:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mixtral_jax import checkpoint, sharding
 from mixtral_jax.configtools import UserError
+from mixtral_jax.documents import check_output_folder
 from mixtral_jax.tokenizer import load_tokenizer
 from mixtral_jax.train.checkpointing import Checkpointer, restore_opt_state
 from mixtral_jax.train.config import RunConfig
@@ -38,6 +39,18 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the job stopped early, its checkpoin
 def _host(x) -> np.ndarray:
     """A replicated array's value on this host (works when other processes hold shards too)."""
     return np.asarray(x.addressable_data(0))
+
+
+def _check_run_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """`run_dir` as a Path, checked before any work: UserError if it is a file, or lies in
+    another run's checkpoints/ folder (a step folder: the new run would nest inside it)."""
+    run_dir = check_output_folder(run_dir, "run_dir")
+    for folder in [run_dir.resolve(), *run_dir.resolve().parents]:
+        if folder.name == checkpoint.CHECKPOINTS and (folder.parent / checkpoint.CONFIG_FILE).is_file():
+            raise UserError(f"run_dir {run_dir} is in the {checkpoint.CHECKPOINTS}/ of the run {folder.parent} "
+                            f"(a new run would nest there); to resume that run pass run_dir={folder.parent}, "
+                            f"else pick another run_dir")
+    return run_dir
 
 
 def _check_same_model(run_dir: pathlib.Path, model_config) -> None:
@@ -113,6 +126,7 @@ def _should_stop(received: list[int], step: int) -> bool:
 
 def train(run: RunConfig) -> dict:
     """Runs (or resumes) the training job `run` describes; returns a short summary."""
+    run_dir = _check_run_dir(run.run_dir)
     sharding.initialize_distributed(run.distributed)
     config, train_cfg = run.model_config, run.train
     mesh = sharding.make_mesh(run.mesh)
@@ -121,7 +135,6 @@ def train(run: RunConfig) -> dict:
     loader = make_loader(run.data, tokenizer=tokenizer, seq_len=train_cfg.seq_len,
                          global_batch_size=train_cfg.batch_size, process_index=jax.process_index(),
                          process_count=jax.process_count(), seed=train_cfg.seed)
-    run_dir = pathlib.Path(run.run_dir)
     main = sharding.is_main_process()
 
     checkpointer = Checkpointer(run_dir, run.checkpoint)

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import from_section
-from mixtral_jax.configtools import UserError, parse_overrides
+from mixtral_jax.configtools import parse_overrides, require_positive
 from mixtral_jax.model import init
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax bench compile`'s options to `parser`."""
     parser.add_argument("--preset", default="bench-tiny", help="model preset name")
     parser.add_argument("--layers", type=int, nargs=2, default=(2, 32), metavar=("FEW", "MANY"),
                         help="the two depths to compare")
@@ -56,10 +57,8 @@ def run(args) -> dict:
     one-off costs); the depths alternate so that a change in machine load
     falls on both.
     """
-    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--repeats", args.repeats),
-                        ("--layers", min(args.layers))):
-        if value <= 0:
-            raise UserError(f"{flag} must be positive, got {value}")
+    require_positive({"--batch": args.batch, "--seq-len": args.seq_len, "--repeats": args.repeats,
+                      "--layers": min(args.layers)})
     model = {"preset": args.preset, **parse_overrides(args.overrides)}
     configs = [from_section({**model, "num_hidden_layers": n}) for n in args.layers]
     compile_seconds(configs[0], args.batch, args.seq_len)

@@ -24,12 +24,13 @@ from flax import nnx
 
 from mixtral_jax import moe
 from mixtral_jax.benchmarks.timing import alternating_seconds, median_ratio
-from mixtral_jax.configtools import UserError
+from mixtral_jax.configtools import UserError, require_positive
 
 IMPLS = ("grouped", "reference", "ragged")  # the single-device paths, by `moe_impl` name
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax bench moe`'s options to `parser`."""
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch (N)")
     parser.add_argument("--dim", type=int, default=512, help="model dim (D)")
     parser.add_argument("--ffn", type=int, default=1792, help="expert ffn dim (F)")
@@ -83,11 +84,8 @@ def dense_case(dim: int, ffn: int, x, seed: int = 0):
 
 def run(args) -> dict:
     """Times the dense baseline and every single-device MoE path; ratios are to the dense one."""
-    sizes = {"--tokens": args.tokens, "--dim": args.dim, "--ffn": args.ffn, "--experts": args.experts,
-             "--top-k": args.top_k, "--repeats": args.repeats}
-    for flag, value in sizes.items():
-        if value <= 0:
-            raise UserError(f"{flag} must be positive, got {value}")
+    require_positive({"--tokens": args.tokens, "--dim": args.dim, "--ffn": args.ffn, "--experts": args.experts,
+                      "--top-k": args.top_k, "--repeats": args.repeats})
     if args.top_k > args.experts:
         raise UserError(f"--top-k ({args.top_k}) exceeds --experts ({args.experts})")
     graphdef, state, x = moe_case(args.tokens, args.dim, args.ffn, args.experts, args.top_k, args.dtype)

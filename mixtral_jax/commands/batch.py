@@ -11,6 +11,7 @@ import json
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax batch`'s options to `parser`."""
     from mixtral_jax.infer import runtime
 
     runtime.add_arguments(parser)
@@ -20,6 +21,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax batch` with the parsed `args`."""
     import jax
 
     from mixtral_jax.infer import runtime

@@ -14,6 +14,7 @@ BENCHES = {
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax bench`'s options to `parser`."""
     sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
     for name, (module, help_text) in BENCHES.items():
         importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text,
@@ -21,5 +22,6 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax bench` with the parsed `args`."""
     result = importlib.import_module(BENCHES[args.bench][0]).run(args)
     print(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax convert`'s options to `parser`."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR",
                         help="a Hugging Face Mixtral directory (config.json + *.safetensors)")
@@ -34,15 +35,19 @@ def parse_size(text: str) -> int:
 
 
 def run(args):
+    """Runs `mixtral-jax convert` with the parsed `args`."""
     from mixtral_jax import hf
+    from mixtral_jax.documents import check_output_folder
 
     if args.from_hf:
         if not args.out or args.to_hf:
             raise UserError("--from-hf DIR takes --out CKPT (and no --to-hf)")
+        check_output_folder(args.out, "--out")
         step = hf.convert_from_hf(args.from_hf, args.out)
         print(f"wrote {step} (load it with mixtral_jax.load({str(args.out)!r}))")
     else:
         if not args.to_hf or args.out:
             raise UserError("--checkpoint CKPT takes --to-hf DIR (and no --out)")
+        check_output_folder(args.to_hf, "--to-hf")
         files = hf.convert_to_hf(args.checkpoint, args.to_hf, max_shard_bytes=parse_size(args.max_shard_size))
         print(f"wrote {len(files)} files to {args.to_hf}: {', '.join(f.name for f in files)}")

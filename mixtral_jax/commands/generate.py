@@ -10,11 +10,13 @@ the whole conversation in the instruct format (the cache is not kept between tur
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax generate`'s options to `parser`."""
     from mixtral_jax.infer import runtime
 
     runtime.add_arguments(parser)
@@ -25,15 +27,21 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax generate` with the parsed `args`."""
+    from mixtral_jax.configtools import UserError
     from mixtral_jax.infer import runtime
-    from mixtral_jax.infer.generate import Generator, Request
+    from mixtral_jax.infer.generate import Generator, Request, require_chat_format
 
+    if args.system is not None and not args.chat:  # --prompt is plain text, not a chat turn
+        raise UserError("--system only applies with --chat")
     config, mesh, model, tokenizer = runtime.open_checkpoint(args)
     generator = Generator(model, tokenizer, mesh=mesh, chunk=8)
+    settings = Request((), config.max_new_tokens, config.temperature, config.top_k, config.top_p,
+                       config.seed, tuple(config.stop))
+    generator.check_settings(settings)  # before the first --chat turn is typed
 
     def complete(ids) -> str:
-        request = Request(ids, config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                          config.seed, tuple(config.stop))
+        request = dataclasses.replace(settings, prompt=ids)
         start = time.perf_counter()
         (result,) = generator.run([request], on_text=lambda _, text: print(text, end="", flush=True))
         seconds = time.perf_counter() - start
@@ -45,10 +53,7 @@ def run(args):
     if not args.chat:
         complete(tokenizer.encode(args.prompt))
         return 0
-    if not hasattr(tokenizer, "encode_chat"):
-        from mixtral_jax.configtools import UserError
-
-        raise UserError(f"tokenizer {config.tokenizer!r} has no chat format")
+    require_chat_format(tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
     while True:

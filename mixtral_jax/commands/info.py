@@ -6,6 +6,7 @@ import json
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax info`'s options to `parser`."""
     parser.add_argument("--preset", default="mixtral-8x7b", help="model preset name")
     parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -13,9 +14,11 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax info` with the parsed `args`."""
     from mixtral_jax.config import from_section
-    from mixtral_jax.configtools import parse_overrides
+    from mixtral_jax.configtools import parse_overrides, require_positive
 
+    require_positive({"--seq-len": args.seq_len})
     config = from_section({"preset": args.preset, **parse_overrides(args.overrides)})
     report = {
         "preset": args.preset,

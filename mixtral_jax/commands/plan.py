@@ -18,6 +18,7 @@ SECTIONS = ("mesh", "model", "train")
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax plan`'s options to `parser`."""
     parser.add_argument("--preset", default="mixtral-8x7b", help="model preset name")
     parser.add_argument("--devices", type=int, default=8, help="simulated devices in the mesh")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -49,10 +50,10 @@ def _simulate_devices(count: int) -> bool:
 
 
 def run(args):
-    from mixtral_jax.configtools import UserError, build, parse_overrides
+    """Runs `mixtral-jax plan` with the parsed `args`."""
+    from mixtral_jax.configtools import UserError, build, parse_overrides, require_positive
 
-    if args.devices < 1:
-        raise UserError(f"--devices must be positive, got {args.devices}")
+    require_positive({"--devices": args.devices})
     overrides = parse_overrides(args.overrides)
     unknown = sorted(set(overrides) - set(SECTIONS))
     if unknown:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax tokenizer`'s options to `parser`."""
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     model_help = "mistral-v1 (default, Mixtral 8x7B), mistral-v3 (8x22B), or a .model path"
 
@@ -37,12 +39,15 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax tokenizer` with the parsed `args`."""
     from mixtral_jax import tokenizer
     from mixtral_jax.configtools import UserError
+    from mixtral_jax.documents import check_output_file, decode_utf8
 
     if getattr(args, "system", None) is not None and not args.chat:
         raise UserError("--system only applies with --chat")
     if args.action == "train":
+        check_output_file(args.out, "--out")  # before training: writing is its last step
         trained = tokenizer.train(args.input, args.vocab_size, args.out, args.max_sentences)
         print(json.dumps({"out": str(trained.path), "vocab_size": trained.vocab_size,
                           "bos_id": trained.bos_id, "eos_id": trained.eos_id}))
@@ -52,7 +57,10 @@ def run(args):
         text = tok.decode(args.ids)
         print(json.dumps({"text": text}, ensure_ascii=False) if args.json else text)
         return 0
-    text = sys.stdin.read() if args.text == "-" else args.text
+    if args.text == "-":  # bytes, so that invalid UTF-8 is one clear error
+        text = decode_utf8(sys.stdin.buffer.read(), "<stdin>")
+    else:  # undecodable bytes in argv arrive as surrogates: back to bytes, then decoded strictly
+        text = decode_utf8(os.fsencode(args.text), "--text")
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system is not None else []
         ids = tok.encode_chat([*system, {"role": "user", "content": text}])

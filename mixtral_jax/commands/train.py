@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
+    """Adds `mixtral-jax train`'s options to `parser`."""
     from mixtral_jax.cli import add_config_arguments
 
     add_config_arguments(parser)
@@ -12,6 +13,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    """Runs `mixtral-jax train` with the parsed `args`."""
     from mixtral_jax.allocator import reuse_freed_memory
     from mixtral_jax.train.config import load_run_config
     from mixtral_jax.train.main import train
