@@ -99,6 +99,26 @@ def save_params(run_dir: str | pathlib.Path, model: nnx.Module, step: int = 0,
     return run_dir / CHECKPOINTS / str(step)
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"layers/attn/k": shape} for every array (or array metadata) leaf of `tree`."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _check_shapes(step_dir: pathlib.Path, target) -> None:
+    """UserError naming the first parameter whose stored shape is not the target's (or is missing)."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored = _shapes(handler.metadata((step_dir / PARAMS).absolute()))
+    finally:
+        handler.close()
+    for name, shape in _shapes(target).items():
+        if stored.get(name) != shape:
+            found = f"is {stored[name]}" if name in stored else "is missing"
+            raise UserError(f"{step_dir}: parameters do not match the model config: {name} {found} in the "
+                            f"checkpoint, {shape} in the model")
+
+
 def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
     """Restores the parameters at `path` into `model` (abstract or concrete), keeping its shardings.
 
@@ -109,6 +129,7 @@ def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
     state = nnx.state(model, nnx.Param)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           nnx.to_pure_dict(state))
+    _check_shapes(step_dir, target)  # before reading: a failed read leaves tracebacks at exit
     try:
         restored = ocp.StandardCheckpointer().restore((step_dir / PARAMS).absolute(), target)
     except (ValueError, KeyError) as err:

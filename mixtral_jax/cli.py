@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value settings on both sides of an option: argparse takes only the first run
+        if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.parse_args(argv)  # exits with argparse's own message for what it does not know
+        args.overrides = [*args.overrides, *extra]
     try:
         return _module(args.command).run(args) or 0
     except (UserError, ConfigError, OSError) as err:

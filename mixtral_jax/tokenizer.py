@@ -255,6 +255,8 @@ def train(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | os.Pa
             raise UserError(f"input file {path} not found")
     if not any(_has_text(path) for path in paths):
         raise UserError(f"the input files hold no text: {', '.join(map(str, paths))}")
+    if max_sentences < 1:
+        raise UserError(f"max_sentences must be positive, got {max_sentences}")
     minimum = 3 + 256 + 1  # unk, bos, eos, 256 byte pieces, at least one character
     if vocab_size < minimum:
         raise UserError(f"vocab size {vocab_size} is too small: Mixtral's layout needs at least "

@@ -40,10 +40,14 @@ def test_info_reports_the_presets_counts_and_refuses_a_bad_length(capsys):
     import mixtral_jax
     from mixtral_jax.cli import main
 
-    assert main(["info", "--preset", "tiny", "--seq-len", "64", "num_hidden_layers=3"]) == 0
+    # overrides on both sides of an option
+    assert main(["info", "--preset", "tiny", "num_hidden_layers=3", "--seq-len", "64", "vocab_size=512"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    config = mixtral_jax.preset("tiny", num_hidden_layers=3)
+    config = mixtral_jax.preset("tiny", num_hidden_layers=3, vocab_size=512)
     assert report["total_params"] == config.num_params and report["seq_len"] == 64
     assert report["train_flops_per_token"] == config.flops_per_token(64, training=True)
+    with pytest.raises(SystemExit):  # argparse's own error: not a key=value setting
+        main(["info", "--preset", "tiny", "num_hidden_layers=3", "--seq-len", "64", "stray"])
+    capsys.readouterr()
     assert main(["info", "--preset", "tiny", "--seq-len", "-5"]) == 2
     assert capsys.readouterr().err.strip() == "mixtral-jax info: error: --seq-len must be positive, got -5"

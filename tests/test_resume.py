@@ -92,3 +92,14 @@ def test_init_from_a_run_starts_from_its_parameters_and_optimizer(tmp_path, refe
     first_losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")][:3]
     continued = [r["loss"] for r in read_metrics(tmp_path / "continued" / "metrics.jsonl")][:3]
     assert max(continued) < min(first_losses) - 0.5  # the same batches, on trained weights
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_one_line(tmp_path, reference):
+    command = [sys.executable, "-m", "mixtral_jax.cli", "train", "--config", "tiny", f"init_from={reference}",
+               "model.num_hidden_layers=3", f"run_dir={tmp_path / 'deeper'}", *QUICK]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2
+    # the whole of stderr, read at exit: a failed read of the checkpoint would add tracebacks
+    assert re.fullmatch(r"mixtral-jax train: error: .*: parameters do not match the model config: "
+                        r"layers/\S+ is \(2, [\d, ]+\) in the checkpoint, \(3, [\d, ]+\) in the model\n",
+                        done.stderr), done.stderr

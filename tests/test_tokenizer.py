@@ -223,6 +223,8 @@ def test_train_rejects_bad_input(tmp_path, corpus):
         tokenizer.train([tmp_path / "missing.txt"], 300, tmp_path / "x.model")
     with pytest.raises(UserError, match="too small"):
         tokenizer.train([corpus], 100, tmp_path / "x.model")
+    with pytest.raises(UserError, match="max_sentences must be positive, got 0"):
+        tokenizer.train([corpus], 300, tmp_path / "x.model", max_sentences=0)
     with pytest.raises(UserError, match="Vocabulary size too high"):
         tokenizer.train([corpus], 5000, tmp_path / "x.model")
 
