@@ -373,3 +373,20 @@ def test_bench_decode_reports_both_sides_and_the_bound():
     assert first["bound_ratio"] == pytest.approx(
         first["bandwidth_bound_tokens_per_s"] / first["jax"]["decode_tokens_per_s"], rel=0.02)
     assert "bound_ratio" not in report["results"][1]
+
+
+def test_chat_outliving_the_context_says_so_and_goes_on(tmp_path, capsys, monkeypatch):
+    import io
+
+    from mixtral_jax.checkpoint import save_params
+    from mixtral_jax.cli import main
+
+    config = mj.preset("tiny", vocab_size=32000, max_position_embeddings=64, moe_impl="reference")
+    save_params(tmp_path / "run", mj.init(config, seed=0))
+    turns = ["hi", "a very long turn " * 20, "/reset", "hello", ""]  # the second cannot fit the context
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--chat", "max_new_tokens=3", "compile_cache="]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("finish: ") == 2  # the first and the last turn answered
+    assert len(re.findall(r"error: .*context.*\(/reset starts over\)", err)) == 1, err

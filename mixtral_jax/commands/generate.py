@@ -67,7 +67,12 @@ def run(args):
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        reply = complete(tokenizer.encode_chat(messages))
+        try:
+            reply = complete(tokenizer.encode_chat(messages))
+        except UserError as err:  # e.g. the conversation outgrew the context: the session goes on
+            messages.pop()
+            print(f"error: {err} (/reset starts over)", file=sys.stderr)
+            continue
         if reply.strip():
             messages.append({"role": "assistant", "content": reply})
         else:  # an empty answer cannot be a turn of the conversation
