@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
@@ -15,6 +16,17 @@ from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balanci
 
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
+
+
+def _check_token_ids(tokens, vocab_size: int) -> None:
+    """ValueError for an id outside [0, vocab_size) when the ids are known here (an eager call):
+    the embedding lookup would clamp it silently. Traced ids (under jit) go unchecked."""
+    if isinstance(tokens, jax.core.Tracer) or not getattr(tokens, "is_fully_addressable", True):
+        return
+    ids = np.asarray(tokens)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {bad.flat[0]} is outside the vocabulary [0, {vocab_size})")
 
 
 class ModelOutput(NamedTuple):
@@ -90,6 +102,7 @@ class Mixtral(nnx.Module):
 
     def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
         config = self.config
+        _check_token_ids(tokens, config.vocab_size)
         dtype = jnp.dtype(config.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)

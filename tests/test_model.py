@@ -222,3 +222,11 @@ def test_remat_policies_give_the_same_gradients():
     base = grads("none")  # recomputation may fuse differently: equal up to float32 rounding
     for remat in ("full", "dots"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), base, grads(remat))
+
+
+def test_an_eager_call_refuses_token_ids_outside_the_vocabulary():
+    model = init(preset("tiny"), seed=0)  # vocab 256
+    for ids in ([[1, 256]], [[-1, 5]]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model(jnp.array(ids))  # the embedding lookup alone would clamp it
+    assert model(jnp.array([[1, 255]])).shape == (1, 2, 256)
