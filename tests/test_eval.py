@@ -96,7 +96,10 @@ def run_dir(tmp_path):
 ])
 def test_eval_bad_data_is_one_line(tmp_path, capsys, run_dir, name, content, message):
     path = tmp_path / name
-    np.save(path, np.arange(1, 40, dtype=np.int32)) if content is None else path.write_bytes(content)
+    if content is None:
+        np.save(path, np.arange(1, 40, dtype=np.int32))
+    else:
+        path.write_bytes(content)
     assert main(["eval", "--checkpoint", str(run_dir), "--data", str(path), "compile_cache="]) == 2
     assert message in one_line_error(capsys, "eval")
 
