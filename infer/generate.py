@@ -27,7 +27,7 @@ from flax import nnx
 
 from mixtral_jax.configtools import UserError
 from mixtral_jax.infer import decode as programs
-from mixtral_jax.infer.sampling import check_seeds, make_sampler, row_keys
+from mixtral_jax.infer.sampling import SEED_LIMIT, check_seeds, make_sampler, row_keys
 
 MIN_PROMPT_BUCKET = 16
 MIN_BUFFER_BUCKET = 16
@@ -107,16 +107,21 @@ def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 
              on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """Completions of `prompts` (strings, conversations, or token id lists), one per prompt.
 
-    temperature 0 is greedy; top_k 0 and top_p 1.0 are off. The same seed gives
-    the same text. `stop`: strings that end a row (needs a tokenizer).
+    temperature 0 is greedy; top_k 0 and top_p 1.0 are off. Prompt i samples
+    with seed + i (mod 2**32): the same call with the same seed gives the same
+    text. `stop`: a string or strings that end a row (needs a tokenizer).
     `batch_size`: rows per compiled batch (default: all prompts at once).
     `mesh`: a `mixtral_jax.sharding` mesh the model is sharded on.
     `on_text(index, text)`: called with each prompt's new text as it is produced.
     """
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
         raise UserError("`prompts` is a list of prompts: wrap a single prompt in a list")
-    requests = [Request(prompt_ids(p, tokenizer), max_new_tokens, temperature, top_k, top_p,
-                        seed + i, tuple(stop)) for i, p in enumerate(prompts)]
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    seeds = [seed, *((seed + i) % SEED_LIMIT for i in range(1, len(prompts)))]  # the first as given: checked
+    requests = [Request(prompt_ids(p, tokenizer), max_new_tokens, temperature, top_k, top_p, s, stop)
+                for p, s in zip(prompts, seeds)]
     generator = Generator(model, tokenizer, mesh=mesh)
     size = batch_size or max(len(requests), 1)
     results = []
@@ -134,6 +139,10 @@ class Generator:
         """`eos_ids`: tokens that end a row (default: the config's and the tokenizer's EOS).
         `chunk`: decode steps between host checks when streaming or matching stop strings."""
         self.config = model.config
+        pieces = getattr(tokenizer, "vocab_size", 0)  # a tokenizer of your own need not say
+        if pieces > self.config.vocab_size:
+            raise UserError(f"the tokenizer has {pieces} pieces but the model's vocabulary "
+                            f"{self.config.vocab_size}: its ids would not fit the embedding")
         self.graphdef, self.params = nnx.split(model)
         # XLA:CPU copies weights sliced from stacked arrays: decode from per-layer buffers there
         self.split = mesh is None and programs.splits_weights(self.config)

@@ -99,24 +99,34 @@ def save_params(run_dir: str | pathlib.Path, model: nnx.Module, step: int = 0,
     return run_dir / CHECKPOINTS / str(step)
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    """{"layers/attn/k": shape} for every array (or array metadata) leaf of `tree`."""
+def param_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"layers/attn/k": shape} for every array (or array metadata) leaf of a parameter tree."""
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
+def shape_mismatch(found: dict, wanted: dict, where: str) -> str | None:
+    """The first parameter whose shape in `found` is not the model's in `wanted` ({name: shape},
+    as `param_shapes` gives), in words naming `where` found came from; None when they agree."""
+    for name in sorted(found.keys() | wanted.keys()):
+        if name not in wanted:
+            return f"{name} is in {where} but not in the model"
+        if found.get(name) != wanted[name]:
+            got = f"is {found[name]}" if name in found else "is missing"
+            return f"{name} {got} in {where}, {wanted[name]} in the model"
+    return None
+
+
 def _check_shapes(step_dir: pathlib.Path, target) -> None:
-    """UserError naming the first parameter whose stored shape is not the target's (or is missing)."""
+    """UserError naming the first parameter whose stored shape is not the target's."""
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        stored = _shapes(handler.metadata((step_dir / PARAMS).absolute()))
+        stored = param_shapes(handler.metadata((step_dir / PARAMS).absolute()))
     finally:
         handler.close()
-    for name, shape in _shapes(target).items():
-        if stored.get(name) != shape:
-            found = f"is {stored[name]}" if name in stored else "is missing"
-            raise UserError(f"{step_dir}: parameters do not match the model config: {name} {found} in the "
-                            f"checkpoint, {shape} in the model")
+    mismatch = shape_mismatch(stored, param_shapes(target), "the checkpoint")
+    if mismatch:
+        raise UserError(f"{step_dir}: parameters do not match the model config: {mismatch}")
 
 
 def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax import hf
-from mixtral_jax.checkpoint import load_checkpoint
+from mixtral_jax.checkpoint import load_checkpoint, param_shapes, shape_mismatch
+from mixtral_jax.configtools import UserError
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model import Mixtral
 
@@ -32,9 +33,13 @@ def load(path: str | pathlib.Path, **config_changes) -> Mixtral:
 
 def from_params(config: MixtralConfig, params: dict) -> Mixtral:
     """A model of `config` holding `params` (a `checkpoint.param_tree`-shaped dict of
-    numpy or JAX arrays, cast to `config.param_dtype`) instead of initialising them."""
+    numpy or JAX arrays, cast to `config.param_dtype`) instead of initialising them; UserError
+    naming the first parameter that is missing, extra, or of another shape."""
     model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
+    mismatch = shape_mismatch(param_shapes(params), param_shapes(nnx.to_pure_dict(state)), "params")
+    if mismatch:
+        raise UserError(f"params do not match the model config: {mismatch}")
     dtype = jnp.dtype(config.param_dtype)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
     nnx.update(model, state)

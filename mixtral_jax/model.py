@@ -29,6 +29,16 @@ def _check_token_ids(tokens, vocab_size: int) -> None:
         raise ValueError(f"token id {bad.flat[0]} is outside the vocabulary [0, {vocab_size})")
 
 
+def _check_cache(cache: KVCache, shape: tuple[int, int], sliding_window: int | None) -> None:
+    """ValueError when tokens of `shape` [B, T] cannot go into `cache` (its batch differs, or a
+    full cache has fewer slots than T): the writes would land on the wrong rows or slots."""
+    batch, slots = cache.pos[0].shape  # layer 0's positions [B, S], stacked or per layer
+    if shape[0] != batch:
+        raise ValueError(f"tokens have {shape[0]} rows but the cache holds {batch}")
+    if sliding_window is None and shape[1] > slots:
+        raise ValueError(f"{shape[1]} tokens do not fit the cache's {slots} slots")
+
+
 class ModelOutput(NamedTuple):
     """What `Mixtral.forward` returns."""
 
@@ -103,6 +113,8 @@ class Mixtral(nnx.Module):
     def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
         config = self.config
         _check_token_ids(tokens, config.vocab_size)
+        if cache is not None:
+            _check_cache(cache, tokens.shape, config.sliding_window)
         dtype = jnp.dtype(config.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)

@@ -390,3 +390,21 @@ def test_chat_outliving_the_context_says_so_and_goes_on(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert err.count("finish: ") == 2  # the first and the last turn answered
     assert len(re.findall(r"error: .*context.*\(/reset starts over\)", err)) == 1, err
+
+
+def test_generate_arguments_a_caller_may_get_wrong():
+    from mixtral_jax.configtools import UserError
+    from mixtral_jax.tokenizer import ByteTokenizer, Tokenizer
+
+    model = mj.init(mj.preset("tiny", vocab_size=272, moe_impl="reference"), seed=0)
+    bytes_ = ByteTokenizer()
+    run = functools.partial(generate, model, ["ab", "ab"], bytes_, max_new_tokens=4, temperature=1.0)
+    wrapped, plain = run(seed=2**32 - 1), run(seed=0)
+    assert wrapped[1].tokens == plain[0].tokens != plain[1].tokens  # seed + i wraps around to 0
+    assert [r.text for r in run(stop="xy")] == [r.text for r in run(stop=["xy"])]  # one string, not x and y
+    for kwargs, message in [({"batch_size": 0}, "batch_size"), ({"batch_size": 1.5}, "batch_size"),
+                            ({"seed": -1}, "2\\*\\*32")]:
+        with pytest.raises(UserError, match=message):
+            run(**kwargs)
+    with pytest.raises(UserError, match="32000 pieces but the model's vocabulary 272"):
+        generate(model, ["ab"], Tokenizer(), max_new_tokens=2)

@@ -230,3 +230,27 @@ def test_an_eager_call_refuses_token_ids_outside_the_vocabulary():
         with pytest.raises(ValueError, match="outside the vocabulary"):
             model(jnp.array(ids))  # the embedding lookup alone would clamp it
     assert model(jnp.array([[1, 255]])).shape == (1, 2, 256)
+
+
+def test_a_cache_that_cannot_take_the_tokens_is_refused():
+    model = init(preset("tiny"), seed=0)
+    cache = model.init_cache(1, 16)
+    with pytest.raises(ValueError, match="20 tokens do not fit the cache's 16 slots"):
+        model.forward(jnp.ones((1, 20), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match="tokens have 2 rows but the cache holds 1"):
+        model.forward(jnp.ones((2, 4), jnp.int32), cache=cache)
+
+
+def test_from_params_refuses_params_of_another_shape():
+    from mixtral_jax.checkpoint import param_tree
+    from mixtral_jax.configtools import UserError
+    from mixtral_jax.loading import from_params
+
+    config = preset("tiny")
+    params = param_tree(init(config, seed=0))
+    with pytest.raises(UserError, match=r"embed is \(256, 64\) in params, \(256, 128\) in the model"):
+        from_params(config.replace(hidden_size=128), params)
+    with pytest.raises(UserError, match="lm_head is missing in params"):
+        from_params(config, {k: v for k, v in params.items() if k != "lm_head"})
+    with pytest.raises(UserError, match="extra is in params but not in the model"):
+        from_params(config, {**params, "extra": np.zeros(3)})
