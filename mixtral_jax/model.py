@@ -112,6 +112,10 @@ class Mixtral(nnx.Module):
 
     def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
         config = self.config
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be integer ids [batch, seq] with seq >= 1, got {tokens.dtype} "
+                             f"{list(tokens.shape)}")
         _check_token_ids(tokens, config.vocab_size)
         if cache is not None:
             _check_cache(cache, tokens.shape, config.sliding_window)

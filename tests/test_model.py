@@ -229,7 +229,10 @@ def test_an_eager_call_refuses_token_ids_outside_the_vocabulary():
     for ids in ([[1, 256]], [[-1, 5]]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             model(jnp.array(ids))  # the embedding lookup alone would clamp it
-    assert model(jnp.array([[1, 255]])).shape == (1, 2, 256)
+    assert model([[1, 255]]).shape == (1, 2, 256)  # a plain list is fine
+    for bad in (jnp.array([1, 2]), jnp.array([[1.0, 2.0]]), jnp.zeros((1, 0), jnp.int32)):
+        with pytest.raises(ValueError, match=r"integer ids \[batch, seq\] with seq >= 1"):
+            model(bad)
 
 
 def test_a_cache_that_cannot_take_the_tokens_is_refused():
