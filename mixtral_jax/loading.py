@@ -24,7 +24,7 @@ def load(path: str | pathlib.Path, **config_changes) -> Mixtral:
     `config_changes` override config fields that keep the parameter shapes,
     e.g. `dtype="bfloat16"`, `param_dtype="float32"`, `moe_impl="reference"`.
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     if not (path / hf.HF_CONFIG).is_file():
         return load_checkpoint(path, **config_changes)
     config = hf.read_hf_config(path).replace(**config_changes)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.config import MixtralConfig
+from mixtral_jax.config import MixtralConfig, preset
 from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, dense, param
 from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balancing_loss, router_z_loss
 
@@ -167,6 +167,9 @@ class Mixtral(nnx.Module):
                              dtype or jnp.dtype(c.dtype))
 
 
-def init(config: MixtralConfig, seed: int = 0) -> Mixtral:
-    """A freshly initialised model (parameters N(0, initializer_range), norms 1)."""
+def init(config: MixtralConfig | str, seed: int = 0) -> Mixtral:
+    """A freshly initialised model (parameters N(0, initializer_range), norms 1) of `config`, or of
+    the preset it names."""
+    if isinstance(config, str):
+        config = preset(config)
     return Mixtral(config, rngs=nnx.Rngs(seed))

@@ -257,3 +257,14 @@ def test_from_params_refuses_params_of_another_shape():
         from_params(config, {k: v for k, v in params.items() if k != "lm_head"})
     with pytest.raises(UserError, match="extra is in params but not in the model"):
         from_params(config, {**params, "extra": np.zeros(3)})
+
+
+def test_init_takes_a_preset_name_and_load_expands_the_home_folder(tmp_path, monkeypatch):
+    from mixtral_jax.checkpoint import param_tree, save_params
+    from mixtral_jax.loading import load
+
+    by_name = init("tiny", seed=3)
+    jax.tree.map(np.testing.assert_array_equal, param_tree(by_name), param_tree(init(preset("tiny"), seed=3)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_params(tmp_path / "run", by_name)
+    jax.tree.map(np.testing.assert_array_equal, param_tree(load("~/run")), param_tree(by_name))
