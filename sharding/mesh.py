@@ -85,7 +85,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays from each process's own rows (every process passes the same number of rows)."""
+    """Global arrays from each process's own rows (every process passes the same number of rows);
+    UserError when the global rows do not divide among the mesh's batch devices."""
+    for name, rows in local_batch.items():
+        if (len(rows) * jax.process_count()) % batch_devices(mesh):
+            raise UserError(f"{name}: {len(rows) * jax.process_count()} rows are not divisible by "
+                            f"data x fsdp x expert = {batch_devices(mesh)}")
     return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(rows)), rows)
             for name, rows in local_batch.items()}
 

@@ -118,6 +118,8 @@ def test_shard_batch_and_param_shardings():
     assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 5)}
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), rows)
     assert batch["weights"].shape == (8,)
+    with pytest.raises(UserError, match="inputs: 6 rows are not divisible by data x fsdp x expert = 4"):
+        sharding.shard_batch({"inputs": rows[:6]}, mesh)
     abstract = sharding.abstract_model(mixtral_jax.preset("tiny"), mesh)
     shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
     assert shardings["lm_head"].spec == P("fsdp", "tensor")
