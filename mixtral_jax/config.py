@@ -88,12 +88,13 @@ class MixtralConfig:
                                                 or self.sliding_window <= 0):
             raise ConfigError(f"model.sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window!r}")
-        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "capacity_factor"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name, strict in (("rope_theta", True), ("rms_norm_eps", True), ("initializer_range", True),
+                             ("router_aux_loss_coef", False), ("router_z_loss_coef", False),
+                             ("capacity_factor", False)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (value > 0 if strict else value >= 0):  # NaN fails both
+                raise ConfigError(f"model.{name} must be a number {'> 0' if strict else '>= 0'}, got {value!r}")
         choices = {"param_dtype": DTYPES, "dtype": DTYPES, "moe_impl": MOE_IMPLS,
                    "aux_loss_style": AUX_LOSS_STYLES, "remat": REMAT_POLICIES,
                    "matmul_precision": MATMUL_PRECISIONS}

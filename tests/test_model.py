@@ -24,6 +24,10 @@ from mixtral_jax.layers import SKINNY_ROWS, dense, matmul
     (dict(moe_impl="magic"), "moe_impl must be one of"),
     (dict(matmul_precision="fast"), "matmul_precision must be one of"),
     (dict(hidden_size=66, num_attention_heads=4), "not divisible by num_attention_heads"),
+    (dict(rope_theta="1e6"), "rope_theta must be a number > 0, got '1e6'"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a number > 0"),
+    (dict(capacity_factor=None), "capacity_factor must be a number >= 0, got None"),
+    (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef must be a number >= 0"),
 ])
 def test_invalid_configs_fail_with_a_message_naming_the_field(changes, message):
     with pytest.raises(ConfigError, match=message):
