@@ -68,6 +68,10 @@ class MixtralConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{name} must be an id in [0, {self.vocab_size}), got {value!r}")
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise ConfigError(f"model.head_dim must be a positive integer or null, got {self.head_dim!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:

@@ -131,6 +131,9 @@ class Tokenizer:
         return self.processor.Decode(self._checked(ids))
 
     def _checked(self, ids: Iterable[int]) -> list[int]:
+        ids = list(ids)
+        if any(isinstance(i, (list, tuple)) or getattr(i, "ndim", 0) for i in ids):
+            raise UserError("decode takes one sequence of ids, got a batch (decode each row on its own)")
         ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:

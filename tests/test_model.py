@@ -27,6 +27,7 @@ from mixtral_jax.layers import SKINNY_ROWS, dense, matmul
     (dict(rope_theta="1e6"), "rope_theta must be a number > 0, got '1e6'"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps must be a number > 0"),
     (dict(capacity_factor=None), "capacity_factor must be a number >= 0, got None"),
+    (dict(eos_token_id=256), r"eos_token_id must be an id in \[0, 256\), got 256"),
     (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef must be a number >= 0"),
 ])
 def test_invalid_configs_fail_with_a_message_naming_the_field(changes, message):

@@ -5,6 +5,7 @@ import io
 import random
 import sys
 
+import numpy as np
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -108,6 +109,8 @@ def test_decode_skips_special_ids_and_rejects_unknown_ones(v1, v3):
     assert v3.decode([3, *v3.encode(text, bos=False), 4, 2]) == text  # [INST] [/INST] </s>
     with pytest.raises(UserError, match="32000"):
         v1.decode([1, 32000])
+    with pytest.raises(UserError, match="one sequence of ids, got a batch"):
+        v1.decode(np.array([v1.encode(text)]))  # e.g. the argmax of [B, T] logits
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
