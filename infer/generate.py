@@ -156,6 +156,9 @@ class Generator:
         if mesh is not None:
             from mixtral_jax import sharding
 
+            if not isinstance(mesh, jax.sharding.Mesh):
+                raise UserError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(MeshConfig(...))), "
+                                f"got {type(mesh).__name__}")
             self.experts_fn = sharding.experts_fn(mesh, self.config)
             self.batch_multiple = sharding.batch_devices(mesh)
         if eos_ids is None:

@@ -408,3 +408,7 @@ def test_generate_arguments_a_caller_may_get_wrong():
             run(**kwargs)
     with pytest.raises(UserError, match="32000 pieces but the model's vocabulary 272"):
         generate(model, ["ab"], Tokenizer(), max_new_tokens=2)
+    from mixtral_jax.sharding.config import MeshConfig
+
+    with pytest.raises(UserError, match="mesh must be a jax.sharding.Mesh .* got MeshConfig"):
+        generate(model, ["ab"], bytes_, max_new_tokens=2, mesh=MeshConfig(data=1))
