@@ -14,13 +14,15 @@ empty stop string), a prompt longer than the context, a duplicate id: the
 first line with an id runs, later ones are errors). `line` is the 1-based
 input line; `id` is null when the line has none.
 
-Nothing is lost: error records are written first, then each batch's records
-in one write, flushed and fsynced. A job restarted with the same command
+Nothing is lost: error records are written first, then the records of the
+rows that finish, in one write each time some do, flushed and fsynced. A job restarted with the same command
 reads the output, drops a torn last line, and skips the lines already there,
 so a killed job finishes with every line exactly once.
 
-Throughput: rows are sorted by prompt length into batches of `batch_size`;
-per-row sampling settings ride along as per-row arrays, so a batch mixes them.
+Throughput: rows are sorted by prompt length and run through a batch of
+`batch_size` rows in which a row that finishes takes the next
+(`Generator.run_continuous`), one batch per prompt-length bucket; per-row
+sampling settings ride along as per-row arrays, so a batch mixes them.
 A row's random stream depends only on its seed (default: the job seed mixed
 with its id), not on its batch, so a restarted job samples the same text.
 
@@ -41,7 +43,7 @@ import zlib
 from collections.abc import Iterator
 
 from mixtral_jax.configtools import UserError
-from mixtral_jax.infer.generate import Generator, Request, require_chat_format
+from mixtral_jax.infer.generate import MIN_PROMPT_BUCKET, Generator, Request, bucket, require_chat_format
 
 SETTINGS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float),
             "seed": int}
@@ -179,20 +181,28 @@ def run_job(generator: Generator, input_path, output_path, defaults, *, batch_si
         _append(out, [{"id": r.id, "line": r.line, "error": r.error} for r in errors])
         bar = tqdm(total=len(pending), unit="row", disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
-        for first in range(0, len(pending), batch_size):
-            batch = pending[first:first + batch_size]
-            results = generator.run([r.request for r in batch])
-            _append(out, [{"id": r.id, "line": r.line, "text": c.text, "prompt_tokens": c.prompt_tokens,
-                           "completion_tokens": len(c.tokens), "finish_reason": c.finish_reason}
-                          for r, c in zip(batch, results)])
-            counts["completed"] += len(batch)
-            counts["prompt_tokens"] += sum(c.prompt_tokens for c in results)
-            counts["completion_tokens"] += sum(len(c.tokens) for c in results)
-            rate = counts["completion_tokens"] / (time.perf_counter() - start)
-            bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
-            bar.update(len(batch))
+        for group in _by_prompt_bucket(pending):
+            for finished in generator.run_continuous([r.request for r in group], batch_size):
+                _append(out, [{"id": group[i].id, "line": group[i].line, "text": c.text,
+                               "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens),
+                               "finish_reason": c.finish_reason} for i, c in finished])
+                counts["completed"] += len(finished)
+                counts["prompt_tokens"] += sum(c.prompt_tokens for _, c in finished)
+                counts["completion_tokens"] += sum(len(c.tokens) for _, c in finished)
+                rate = counts["completion_tokens"] / (time.perf_counter() - start)
+                bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
+                bar.update(len(finished))
         bar.close()
     return counts
+
+
+def _by_prompt_bucket(rows: list[Row]) -> list[list[Row]]:
+    """`rows` (sorted by prompt length) split where the prompt length bucket changes: each
+    group runs through one continuous batch whose cache fits its longest prompt."""
+    groups: dict[int, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(bucket(len(row.request.prompt), MIN_PROMPT_BUCKET), []).append(row)
+    return list(groups.values())
 
 
 def _append(out, records: list[dict]) -> None:

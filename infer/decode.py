@@ -183,6 +183,27 @@ def _step_keys(rows: Rows, length):
     return jax.vmap(jax.random.fold_in)(rows.keys, length)
 
 
+def empty_state(config, batch: int, cache_slots: int, buffer: int) -> DecodeState:
+    """A state of `batch` finished rows with empty caches, for `insert` to fill."""
+    zeros = jnp.zeros((batch,), jnp.int32)
+    cache = KVCache.empty(config.num_hidden_layers, batch, cache_slots, config.num_key_value_heads,
+                          config.head_size, jnp.dtype(config.dtype))
+    return DecodeState(tokens=jnp.zeros((batch, buffer), jnp.int32), length=zeros, done=zeros == 0,
+                       hit_eos=zeros != 0, position=zeros - 1, cache=cache, steps=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(state: DecodeState, new: DecodeState, rows) -> DecodeState:
+    """`state` with its rows `rows` [n] int32 replaced by the n rows of `new` (a prefill of the
+    same cache and buffer sizes); a row index out of range drops that row of `new`. The loop
+    counter stays `state`'s: each row's tokens, length and position are its own."""
+    put = lambda old, fresh: old.at[rows].set(fresh, mode="drop")  # batch-major
+    put_cache = lambda old, fresh: old.at[:, rows].set(fresh, mode="drop")  # [L, B, ...]
+    fields = ("tokens", "length", "done", "hit_eos", "position")
+    return state._replace(**{name: put(getattr(state, name), getattr(new, name)) for name in fields},
+                          cache=KVCache(*map(put_cache, state.cache, new.cache)))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_slots", "buffer", "experts_fn", "split"))
 def prefill(graphdef, params, tokens, positions, rows: Rows, sampler, *, cache_slots: int,
             buffer: int, experts_fn=None, split: bool = False) -> DecodeState:

@@ -15,9 +15,10 @@ ends just before the stop string. EOS tokens are kept in `.tokens`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -215,30 +216,95 @@ class Generator:
 
     def prepare(self, requests: Sequence[Request]) -> Batch:
         """The padded device inputs of a batch of requests (sizes bucketed)."""
-        context = self.config.max_position_embeddings
-        max_new = [min(r.max_new_tokens, context - len(r.prompt)) for r in requests]
-        size = bucket(len(requests), 1)
-        size += -size % self.batch_multiple
+        size = self._batch_rows(len(requests))
+        tokens, positions = _left_padded([r.prompt for r in requests], size)
+        rows, sampler = self._row_settings(requests, size)
+        return Batch(tokens, positions, rows, sampler, bucket(max(self._max_new(r) for r in requests),
+                                                                MIN_BUFFER_BUCKET))
+
+    def run_continuous(self, requests: Sequence[Request], rows: int) -> Iterator[list[tuple[int, Completion]]]:
+        """Completions of `requests` through one batch of `rows` rows, where a row that finishes
+        takes the next request (continuous batching). Yields, each time some rows finish, their
+        (index into `requests`, Completion) pairs.
+
+        `run` holds a batch until its longest row ends; here a row that stops early
+        (EOS, a stop string, a smaller max_new_tokens) is prefilled with the next
+        request at the next segment boundary (every `chunk` decode steps) while the
+        other rows go on. Rows never see each other, so each request gets the tokens
+        `run` gives it. Every row's cache holds the longest prompt (bucketed) plus
+        the largest max_new_tokens of all `requests`.
+        """
+        for request in requests:
+            self.check(request)
+        if not requests:
+            return
+        vacant = len(requests)  # index of the padding row of the job's settings
+        job_rows, job_sampler = self._row_settings(requests, vacant + 1)
+        buffer = bucket(int(jnp.max(job_rows.max_new)), MIN_BUFFER_BUCKET)
         prompt_len = bucket(max(len(r.prompt) for r in requests), MIN_PROMPT_BUCKET)
-        tokens = np.zeros((size, prompt_len), np.int32)
-        positions = np.full((size, prompt_len), -1, np.int32)
-        for row, request in enumerate(requests):  # left padding: every prompt ends at column T-1
-            n = len(request.prompt)
-            tokens[row, prompt_len - n:] = request.prompt
-            positions[row, prompt_len - n:] = np.arange(n)
+        slots = programs.cache_size(self.config, prompt_len, buffer)
+        size = self._batch_rows(min(rows, len(requests)))
+        state = programs.empty_state(self.config, size, slots, buffer)
+        owner = [vacant] * size  # the request each row runs
+        streams = _Streams(self.tokenizer, [None] * size, None, active=any(r.stop for r in requests))
+        queue = collections.deque(range(len(requests)))
+        select = lambda indices: _select_rows(job_rows, job_sampler, indices)
+        while True:
+            free = [row for row in range(size) if owner[row] == vacant]
+            if free and queue:
+                taken = [(row, queue.popleft()) for row in free[:len(queue)]]
+                state = self._start(state, taken, requests, select, vacant, slots, buffer)
+                for row, index in taken:
+                    owner[row] = index
+                    streams.reset(row, requests[index])
+                batch = Batch(None, None, *select(owner), buffer)
+            stopped = streams.update(state)
+            if stopped.any():
+                state = state._replace(done=state.done | jnp.asarray(stopped))
+            done = jax.device_get(state.done)
+            finished = [row for row in range(size) if owner[row] != vacant and done[row]]
+            if finished:
+                yield list(zip([owner[row] for row in finished], streams.completions(state, finished)))
+                for row in finished:
+                    owner[row] = vacant
+            if not queue and all(index == vacant for index in owner):
+                return
+            if not (queue and vacant in owner):  # else refill first
+                state = self.decode(state, batch, state.steps + self.chunk)
+
+    def _start(self, state, taken, requests, select, vacant: int, slots: int, buffer: int):
+        """`state` with the requests `taken` [(row, index into requests)] prefilled into their rows."""
+        size = self._batch_rows(len(taken))
+        tokens, positions = _left_padded([requests[index].prompt for _, index in taken], size)
+        rows, sampler = select([index for _, index in taken] + [vacant] * (size - len(taken)))
+        new = self.prefill(Batch(tokens, positions, rows, sampler, buffer), cache_slots=slots)
+        target = [row for row, _ in taken] + [state.done.shape[0]] * (size - len(taken))  # out of range: dropped
+        with self._mesh_context():
+            return programs.insert(state, new, jnp.asarray(target, jnp.int32))
+
+    def _batch_rows(self, count: int) -> int:
+        """Rows of a batch of `count` requests: a power of two, a multiple of the mesh's batch devices."""
+        size = bucket(count, 1)
+        return size + -size % self.batch_multiple
+
+    def _max_new(self, request: Request) -> int:
+        return min(request.max_new_tokens, self.config.max_position_embeddings - len(request.prompt))
+
+    def _row_settings(self, requests: Sequence[Request], size: int):
+        """(Rows, sampler) of `requests` followed by padding rows up to `size`."""
         pad_rows = size - len(requests)
         rows = programs.Rows(
-            max_new=jnp.asarray(max_new + [0] * pad_rows, jnp.int32),
+            max_new=jnp.asarray([self._max_new(r) for r in requests] + [0] * pad_rows, jnp.int32),
             keys=row_keys([r.seed for r in requests] + [0] * pad_rows),
             eos_ids=self.eos_ids)
         settings = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(0.0, 0, 1.0)] * pad_rows
         sampler = make_sampler(*np.asarray(settings).T, batch=size, vocab_size=self.config.vocab_size)
-        return Batch(jnp.asarray(tokens), jnp.asarray(positions), rows, sampler,
-                     bucket(max(max_new), MIN_BUFFER_BUCKET))
+        return rows, sampler
 
-    def prefill(self, batch: Batch) -> programs.DecodeState:
-        """Runs the prompts; the state holds each row's first new token."""
-        slots = programs.cache_size(self.config, batch.tokens.shape[1], batch.buffer)
+    def prefill(self, batch: Batch, cache_slots: int | None = None) -> programs.DecodeState:
+        """Runs the prompts; the state holds each row's first new token. cache_slots: default
+        the prompts' and the buffer's length (or the sliding window)."""
+        slots = cache_slots or programs.cache_size(self.config, batch.tokens.shape[1], batch.buffer)
         with self._mesh_context():
             return programs.prefill(self.graphdef, self.params, batch.tokens, batch.positions, batch.rows,
                                     batch.sampler, cache_slots=slots, buffer=batch.buffer,
@@ -261,19 +327,33 @@ class Generator:
 class _Streams:
     """Host-side view of the rows between decode segments: streamed text and stop strings."""
 
-    def __init__(self, tokenizer, requests: Sequence[Request], on_text):
+    def __init__(self, tokenizer, requests: Sequence[Request | None], on_text, active: bool | None = None):
+        """`requests[row]`: the request in each row (None: an empty row, until `reset`).
+        active: whether to follow the text (default: when something streams or stops on it)."""
         self.tokenizer = tokenizer
-        self.requests = requests
         self.on_text = on_text
-        self.active = tokenizer is not None and (on_text is not None or any(r.stop for r in requests))
+        if active is None:
+            active = on_text is not None or any(r.stop for r in requests if r is not None)
+        self.active = tokenizer is not None and active
+        self.requests = list(requests)
+        self._stream = getattr(tokenizer, "stream", None) or (lambda: _DiffStream(tokenizer))
         n = len(requests)
-        stream = getattr(tokenizer, "stream", None) or (lambda: _DiffStream(tokenizer))
-        self.decoders = [stream() for _ in range(n)] if self.active else []
+        self.decoders = [None] * n
         self.text = [""] * n  # text pushed so far (the stop string, once found, cut off)
         self.emitted = [0] * n  # characters of text passed to on_text
         self.seen = [0] * n  # tokens pushed
         self.stop_at = [None] * n  # tokens kept when a stop string ended the row
         self.finished = [False] * n
+        for row, request in enumerate(requests):
+            if request is not None:
+                self.reset(row, request)
+
+    def reset(self, row: int, request: Request) -> None:
+        """Row `row` starts over with `request`."""
+        self.requests[row] = request
+        self.decoders[row] = self._stream() if self.active else None
+        self.text[row], self.emitted[row], self.seen[row] = "", 0, 0
+        self.stop_at[row], self.finished[row] = None, False
 
     def update(self, state: programs.DecodeState) -> np.ndarray:
         """Pushes the new tokens of every row; returns [rows] bool: rows a stop string just ended."""
@@ -282,7 +362,7 @@ class _Streams:
             return stopped
         tokens, length, done = jax.device_get((state.tokens, state.length, state.done))
         for row, request in enumerate(self.requests):
-            if self.finished[row]:
+            if request is None or self.finished[row]:
                 continue
             longest = max((len(s) for s in request.stop), default=0)
             while self.stop_at[row] is None and self.seen[row] < length[row]:
@@ -309,11 +389,11 @@ class _Streams:
             self.on_text(row, self.text[row][self.emitted[row]:end])
             self.emitted[row] = end
 
-    def completions(self, state: programs.DecodeState) -> list[Completion]:
-        """The finished rows as `Completion`s."""
+    def completions(self, state: programs.DecodeState, rows: Sequence[int] | None = None) -> list[Completion]:
+        """The finished `rows` (default: all) as `Completion`s."""
         tokens, length, hit_eos = jax.device_get((state.tokens, state.length, state.hit_eos))
         out = []
-        for row, request in enumerate(self.requests):
+        for row in range(len(self.requests)) if rows is None else rows:
             stop_at = self.stop_at[row]
             new = [int(t) for t in tokens[row, :stop_at if stop_at is not None else length[row]]]
             if stop_at is not None:
@@ -324,8 +404,26 @@ class _Streams:
                 text = None
             else:
                 text = self.text[row] if self.active else self.tokenizer.decode(new)
-            out.append(Completion(new, text, reason, len(request.prompt)))
+            out.append(Completion(new, text, reason, len(self.requests[row].prompt)))
         return out
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], rows: int) -> tuple[jax.Array, jax.Array]:
+    """tokens, positions [rows, T] (T: the longest prompt, bucketed): each prompt ends at column
+    T - 1; padding (and the rows past the prompts) holds token 0 at position -1."""
+    prompt_len = bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    tokens = np.zeros((rows, prompt_len), np.int32)
+    positions = np.full((rows, prompt_len), -1, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt):] = prompt
+        positions[row, prompt_len - len(prompt):] = np.arange(len(prompt))
+    return jnp.asarray(tokens), jnp.asarray(positions)
+
+
+def _select_rows(rows: programs.Rows, sampler, indices: Sequence[int]):
+    """(Rows, sampler) of the rows `indices` of a job's per-row settings."""
+    at = jnp.asarray(indices, jnp.int32)
+    return programs.Rows(rows.max_new[at], rows.keys[at], rows.eos_ids), jax.tree.map(lambda a: a[at], sampler)
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

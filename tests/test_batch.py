@@ -13,7 +13,7 @@ import mixtral_jax as mj
 from mixtral_jax.checkpoint import save_params
 from mixtral_jax.infer import runtime
 from mixtral_jax.infer.batch import finished_lines, part_path, run_job
-from mixtral_jax.infer.generate import Generator
+from mixtral_jax.infer.generate import Generator, Request
 from mixtral_jax.tokenizer import load_tokenizer
 
 SETTINGS = runtime.InferenceConfig(max_new_tokens=6, tokenizer="bytes")
@@ -107,6 +107,21 @@ def test_out_of_range_settings_become_error_records(tmp_path, generator):
     for row_id in ("ok1", "ok2", "k"):
         assert records[row_id]["finish_reason"] in ("eos", "length"), records[row_id]
     assert (counts["completed"], counts["errors"]) == (3, 5)
+
+
+def test_rows_that_finish_early_make_room_and_change_no_result(tmp_path, generator):
+    lengths = [9, 1, 4, 12, 2, 7]
+    rows = [{"id": i, "prompt": "ab" * (i % 3 + 1) + "c" * i, "max_new_tokens": n} for i, n in enumerate(lengths)]
+    rows[3]["stop"] = ["b"]
+    records, _ = run_twice(tmp_path, generator, rows, batch_size=2)
+    assert [r["id"] for r in records] != sorted(r["id"] for r in records)  # in the order rows finished
+    requests = [Request(generator.tokenizer.encode(r["prompt"]), r["max_new_tokens"],
+                        stop=tuple(r.get("stop", ()))) for r in rows]
+    alone = [c for i in range(0, len(requests), 2) for c in generator.run(requests[i:i + 2])]  # batch by batch
+    for record in records:
+        expected = alone[record["id"]]
+        assert (record["text"], record["finish_reason"], record["completion_tokens"]) == (
+            expected.text, expected.finish_reason, len(expected.tokens))
 
 
 def test_process_shards_cover_every_line_once(tmp_path, generator):

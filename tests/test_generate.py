@@ -120,6 +120,34 @@ def test_rows_stop_independently_on_eos_stop_string_and_length(model):
     assert got[1].finish_reason == "eos" and len(got[1].tokens) <= 5
 
 
+@pytest.mark.parametrize("moe_impl", ["reference", "auto"])  # auto: CPU decode's split weights
+def test_continuous_batching_gives_each_request_what_run_gives_it(model, moe_impl):
+    if moe_impl != "reference":
+        model = mj.init(mj.preset("tiny", initializer_range=0.2, moe_impl=moe_impl), seed=3)
+    tokenizer = CharTokenizer()
+    prompts = PROMPTS + [p[1:] for p in PROMPTS]
+    max_new = [12, 3, 20, 1, 8, 16, 0, 30]
+    free = Generator(model, tokenizer, eos_ids=[255]).run([Request(p, 20) for p in prompts])
+    eos = free[2].tokens[3]  # a token that ends some rows early
+    stop = free[0].text[2:4]
+    greedy = [Request(p, n, stop=(stop,) if i == 0 else ()) for i, (p, n) in enumerate(zip(prompts, max_new))]
+    sampled = [Request(p, n, temperature=0.9, top_k=5 * (i % 2), top_p=0.8 if i % 3 else 1.0, seed=i)
+               for i, (p, n) in enumerate(zip(prompts, max_new))]
+    generator = Generator(model, tokenizer, eos_ids=[eos], chunk=4)
+    for requests in (greedy, sampled):
+        expected = generator.run(requests)
+        got = dict(pair for finished in generator.run_continuous(requests, rows=2) for pair in finished)
+        assert sorted(got) == list(range(len(requests)))
+        assert [got[i] for i in range(len(requests))] == expected
+    # one long request holds a row while the short ones pass through the other
+    requests = [Request(PROMPTS[1], 30), Request(PROMPTS[0], 1), Request(PROMPTS[2], 1), Request(PROMPTS[3], 2)]
+    order = [i for finished in Generator(model, eos_ids=[255]).run_continuous(requests, rows=2)
+             for i, _ in finished]
+    assert order == [1, 2, 3, 0]
+    reasons = {c.finish_reason for c in expected} | {c.finish_reason for c in generator.run(greedy)}
+    assert {"eos", "stop", "length"} <= reasons
+
+
 def test_streamed_text_equals_final_text(model):
     pieces = {}
     results = generate(model, PROMPTS, CharTokenizer(), max_new_tokens=12,
