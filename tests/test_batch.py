@@ -168,3 +168,19 @@ def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):
     records = read_records(out)
     assert sorted(r["line"] for r in records) == list(range(1, 41))
     assert all(r["finish_reason"] in ("eos", "length") for r in records)
+
+
+def test_bench_batch_times_both_ways_over_the_same_tokens():
+    import argparse
+
+    from mixtral_jax.infer import batch_bench
+
+    args = argparse.Namespace(preset="tiny", rows=6, batch_size=2, prompt_len=4, max_new_tokens=9, repeats=1)
+    report = batch_bench.run(args)
+    lengths = report["new_tokens"]
+    assert 1 <= lengths["min"] <= lengths["median"] <= lengths["max"] <= 9 and lengths["total"] >= 6
+    for way in ("batch_by_batch", "continuous"):  # seconds rounded to 0.1 ms
+        seconds = report[way]["seconds"]
+        assert report[way]["tokens_per_s"] == pytest.approx(lengths["total"] / seconds, rel=6e-5 / seconds + 1e-3)
+    ratio = report["batch_by_batch"]["seconds"] / report["continuous"]["seconds"]
+    assert report["speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01)

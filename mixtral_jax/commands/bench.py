@@ -10,6 +10,7 @@ BENCHES = {
     "compile": ("mixtral_jax.benchmarks.compile", "compile time at 2 vs 32 scanned layers"),
     "train": ("mixtral_jax.train.bench", "training tokens/s and MFU vs transformers"),
     "decode": ("mixtral_jax.infer.bench", "prefill/decode tokens/s vs transformers generate"),
+    "batch": ("mixtral_jax.infer.batch_bench", "batch-job tokens/s: continuous batching vs batch by batch"),
 }
 
 
