@@ -230,9 +230,13 @@ class Generator:
         `run` holds a batch until its longest row ends; here a row that stops early
         (EOS, a stop string, a smaller max_new_tokens) is prefilled with the next
         request at the next segment boundary (every `chunk` decode steps) while the
-        other rows go on. Rows never see each other, so each request gets the tokens
-        `run` gives it. Every row's cache holds the longest prompt (bucketed) plus
-        the largest max_new_tokens of all `requests`.
+        other rows go on (returning at the first finished row instead measured no
+        faster: more, smaller prefills). Rows never see each other: a request's
+        tokens are those `run` gives it, up to rounding where the two prefill it in
+        batches of other shapes (XLA:CPU picks matmul kernels by row count; so do
+        two `run` calls of other batch sizes), which can flip a near-tie. Every
+        row's cache holds the longest prompt (bucketed) plus the largest
+        max_new_tokens of all `requests`.
         """
         for request in requests:
             self.check(request)
