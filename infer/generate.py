@@ -111,7 +111,9 @@ def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 
     temperature 0 is greedy; top_k 0 and top_p 1.0 are off. Prompt i samples
     with seed + i (mod 2**32): the same call with the same seed gives the same
     text. `stop`: a string or strings that end a row (needs a tokenizer).
-    `batch_size`: rows per compiled batch (default: all prompts at once).
+    `batch_size`: rows decoded together (default: all prompts at once); with more
+    prompts than that, a row that finishes takes the next prompt
+    (`Generator.run_continuous`), except while `on_text` streams (then batch by batch).
     `mesh`: a `mixtral_jax.sharding` mesh the model is sharded on.
     `on_text(index, text)`: called with each prompt's new text as it is produced.
     """
@@ -125,6 +127,9 @@ def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 
                 for p, s in zip(prompts, seeds)]
     generator = Generator(model, tokenizer, mesh=mesh)
     size = batch_size or max(len(requests), 1)
+    if on_text is None and len(requests) > size:  # a row that finishes takes the next prompt
+        done = dict(pair for finished in generator.run_continuous(requests, size) for pair in finished)
+        return [done[index] for index in range(len(requests))]
     results = []
     for start in range(0, len(requests), size):
         callback = None if on_text is None else (lambda i, text, s=start: on_text(s + i, text))

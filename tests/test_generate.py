@@ -139,6 +139,8 @@ def test_continuous_batching_gives_each_request_what_run_gives_it(model, moe_imp
         got = dict(pair for finished in generator.run_continuous(requests, rows=2) for pair in finished)
         assert sorted(got) == list(range(len(requests)))
         assert [got[i] for i in range(len(requests))] == expected
+    kwargs = {"max_new_tokens": 9, "temperature": 0.9, "top_k": 5, "seed": 7}
+    assert generate(model, prompts, **kwargs) == generate(model, prompts, batch_size=3, **kwargs)
     # one long request holds a row while the short ones pass through the other
     requests = [Request(PROMPTS[1], 30), Request(PROMPTS[0], 1), Request(PROMPTS[2], 1), Request(PROMPTS[3], 2)]
     order = [i for finished in Generator(model, eos_ids=[255]).run_continuous(requests, rows=2)
