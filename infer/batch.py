@@ -15,9 +15,10 @@ first line with an id runs, later ones are errors). `line` is the 1-based
 input line; `id` is null when the line has none.
 
 Nothing is lost: error records are written first, then the records of the
-rows that finish, in one write each time some do, flushed and fsynced. A job restarted with the same command
-reads the output, drops a torn last line, and skips the lines already there,
-so a killed job finishes with every line exactly once.
+rows that finish, in one write each time some do, flushed and fsynced. A job
+restarted with the same command reads the output, drops a torn last line, and
+skips the lines already there, so a killed job finishes with every line
+exactly once.
 
 Throughput: rows are sorted by prompt length and run through a batch of
 `batch_size` rows in which a row that finishes takes the next

@@ -8,8 +8,8 @@ EOS, so each row asks for its own max_new_tokens, drawn uniformly from
 1..--max-new-tokens: the spread of lengths that EOS and stop strings give a
 real job. Rows are greedy and both ways must give every row its count of
 tokens (checked first, which also compiles both; the tokens themselves may
-round differently, see `Generator.run_continuous`). The two alternate in rounds; times are
-medians, `speedup` the median of the per-round ratios.
+round differently, see `Generator.run_continuous`). The two alternate in
+rounds; times are medians, `speedup` the median of the per-round ratios.
 """
 
 from __future__ import annotations

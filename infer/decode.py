@@ -188,8 +188,9 @@ def empty_state(config, batch: int, cache_slots: int, buffer: int) -> DecodeStat
     zeros = jnp.zeros((batch,), jnp.int32)
     cache = KVCache.empty(config.num_hidden_layers, batch, cache_slots, config.num_key_value_heads,
                           config.head_size, jnp.dtype(config.dtype))
-    return DecodeState(tokens=jnp.zeros((batch, buffer), jnp.int32), length=zeros, done=zeros == 0,
-                       hit_eos=zeros != 0, position=zeros - 1, cache=cache, steps=jnp.zeros((), jnp.int32))
+    return DecodeState(tokens=jnp.zeros((batch, buffer), jnp.int32), length=zeros, done=jnp.ones((batch,), bool),
+                       hit_eos=jnp.zeros((batch,), bool), position=zeros - 1, cache=cache,
+                       steps=jnp.zeros((), jnp.int32))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

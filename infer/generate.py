@@ -224,8 +224,7 @@ class Generator:
         size = self._batch_rows(len(requests))
         tokens, positions = _left_padded([r.prompt for r in requests], size)
         rows, sampler = self._row_settings(requests, size)
-        return Batch(tokens, positions, rows, sampler, bucket(max(self._max_new(r) for r in requests),
-                                                                MIN_BUFFER_BUCKET))
+        return Batch(tokens, positions, rows, sampler, self._buffer(requests))
 
     def run_continuous(self, requests: Sequence[Request], rows: int) -> Iterator[list[tuple[int, Completion]]]:
         """Completions of `requests` through one batch of `rows` rows, where a row that finishes
@@ -249,7 +248,7 @@ class Generator:
             return
         vacant = len(requests)  # index of the padding row of the job's settings
         job_rows, job_sampler = self._row_settings(requests, vacant + 1)
-        buffer = bucket(int(jnp.max(job_rows.max_new)), MIN_BUFFER_BUCKET)
+        buffer = self._buffer(requests)
         prompt_len = bucket(max(len(r.prompt) for r in requests), MIN_PROMPT_BUCKET)
         slots = programs.cache_size(self.config, prompt_len, buffer)
         size = self._batch_rows(min(rows, len(requests)))
@@ -298,6 +297,10 @@ class Generator:
 
     def _max_new(self, request: Request) -> int:
         return min(request.max_new_tokens, self.config.max_position_embeddings - len(request.prompt))
+
+    def _buffer(self, requests: Sequence[Request]) -> int:
+        """New-token slots for `requests`: their largest max_new_tokens, bucketed."""
+        return bucket(max(self._max_new(r) for r in requests), MIN_BUFFER_BUCKET)
 
     def _row_settings(self, requests: Sequence[Request], size: int):
         """(Rows, sampler) of `requests` followed by padding rows up to `size`."""
