@@ -5,13 +5,14 @@ useful work). Here a loop over the experts takes each expert's weights once
 (XLA:CPU copies a slice of a stacked weight before a matmul reads it, so the
 copy is paid per expert, not per block) and runs its group of rows as
 ordinary matmuls on fixed-size blocks, in inner loops with dynamic trip
-counts, so only blocks that hold rows run. A group's head is whole R-row
-blocks; the rest (fewer than R rows) takes at most one block each of R/2,
-R/4, ... rows down to 2r, greedily, and what is left after those (fewer than
-2r rows) is covered by r-row blocks, whose last one may run past the group's
-end into the next groups' rows, which are written later, when their experts'
-turns come. So at most r - 1 rows per expert are wasted work (bench-tiny's
-MoE layer, ~128 rows per expert: 1.15x faster than with 64-row tail blocks).
+counts, so only blocks that hold rows run. A group's rows, rounded up to a
+multiple of r, are covered by whole R-row blocks, then at most one block
+each of R/2, R/4, ..., r rows (the binary digits of what is left). The last
+block may run past the group's end into the next groups' rows, which are
+written later, when their experts' turns come. So at most r - 1 rows per
+expert are wasted work (bench-tiny's MoE layer, ~128 rows per expert: 1.15x
+faster than with 64-row tail blocks), and a group of 121 rows takes one
+128-row block rather than 64 + 32 + 16 + 16.
 The gate and up projections run as one matmul against the expert's [D, 2F]
 concatenation.
 
@@ -37,21 +38,22 @@ TAIL_ROWS = 16  # rows of a group's last block (r <= R): bounds the wasted rows 
 
 
 def head_blocks(num_rows: int, block_rows: int, tail_rows: int) -> list[int]:
-    """The whole-block sizes a group's head may take, greedily: R, R/2, ... above r, those
-    no larger than the num_rows there are."""
+    """The block sizes above r a group may take, largest first: R, R/2, ..., those no larger
+    than the num_rows there are."""
     halvings = [block_rows >> i for i in range(block_rows.bit_length()) if (block_rows >> i) > tail_rows]
     return [block for block in halvings if block <= num_rows]
 
 
 def run_group_blocks(start, size, heads: list[int], tail_rows: int, block_body, carry):
     """carry = block_body(block, first_row, group_end, carry) over the blocks of the group of
-    `size` rows from row `start`: greedily, whole blocks of each `heads` size (the first as
-    often as it fits, each halving at most once), then r-row blocks over the rest (fewer
-    than 2r rows), the last of which may spill past the group's end. The loops have dynamic
-    trip counts: an empty group runs no block."""
+    `size` rows from row `start`: greedily, blocks of each `heads` size, then of r rows,
+    each taken while it runs past what is left by under r rows in all (with R / r a power
+    of two: the size rounded up to a multiple of r, in whole R-row blocks and then one
+    block per binary digit). The last block spills past the group's end by under r rows.
+    The loops have dynamic trip counts: an empty group runs no block."""
     first, rest = start, size
-    for block, ceil in [(block, False) for block in heads] + [(tail_rows, True)]:
-        count = (rest + block - 1) // block if ceil else rest // block
+    for block in heads + [tail_rows]:
+        count = (rest + tail_rows - 1) // block  # rest >= 1 - r: a block may overrun by under r rows
         step = lambda b, c, first=first, block=block: block_body(block, first + b * block, start + size, c)
         carry = jax.lax.fori_loop(0, count, step, carry)
         first, rest = first + count * block, rest - count * block

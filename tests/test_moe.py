@@ -50,7 +50,7 @@ ROUTINGS = {  # name -> expert_idx [N, 2] from the random top-2 choice; a repeat
 }
 BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
     "small": (8, 3),  # every group has a head and a tail; tails spill into the next groups
-    "uneven": (12, 5),  # halvings 12, 6, then up to two 5-row blocks
+    "uneven": (12, 5),  # halvings 12, 6, then 5-row blocks: R / r not a power of two
     "default": (256, 16),  # heads and halvings over M left out (every group is shorter)
 }
 
