@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import pathlib
 import types
 import typing
@@ -31,12 +32,19 @@ def require_positive(values: dict[str, int]) -> None:
 
 
 def find_config(name_or_path: str) -> pathlib.Path:
-    """A YAML path as given, or a name from the bundled configs/ ("tiny", "configs/tiny.yaml")."""
+    """A YAML path as given, or a name from the bundled configs/ ("tiny", "configs/tiny.yaml").
+
+    Only a bare name (or one under configs/) falls back to the bundled configs:
+    a path into any other folder that does not exist is an error, not the
+    bundled config of the same file name.
+    """
     path = pathlib.Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"config {name_or_path!r} is a directory, not a YAML file")
     bundled = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
-    if bundled.is_file():
+    if path.parent in (pathlib.Path("."), pathlib.Path("configs")) and bundled.is_file():
         return pathlib.Path(str(bundled))
     known = ", ".join(sorted(p.name[:-5] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml")))
     raise UserError(f"config {name_or_path!r} not found (bundled configs: {known})")
@@ -80,9 +88,13 @@ def load(name_or_path: str | None, overrides: list[str] = ()) -> dict[str, Any]:
     if name_or_path is not None:
         path = find_config(name_or_path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a YAML file (its bytes are not UTF-8 text)") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot be read ({err.strerror})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: a run config must be a mapping of sections")
     return merge(data, parse_overrides(list(overrides)))
@@ -106,7 +118,8 @@ def build(cls, data: dict[str, Any] | None, where: str = ""):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        raise UserError(f"{where or 'config'}: {err}") from None
+        message = str(err)  # the checks name their dotted key ("train.lr must ..."): no second prefix
+        raise UserError(message if where and message.startswith(f"{where}.") else f"{where or 'config'}: {message}") from None
 
 
 def _coerce(hint, value, key: str):
@@ -140,18 +153,31 @@ def _coerce(hint, value, key: str):
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _finite_float(value, key)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _finite_float(value, key: str) -> float:
+    """A finite float from a YAML number or numeric string (YAML reads 1e-3, no dot, as a
+    string); UserError otherwise: inf and nan pass no check below them."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise UserError(f"{key} must be float, got {value!r}")
+    if not math.isfinite(number):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
+    return number
 
 
 def to_dict(obj) -> Any:

@@ -46,6 +46,8 @@ HF_CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_KEY = "mixtral_jax_tokenizer"  # config.json's name for a tokenizer with no .model file ("bytes")
+TOKENIZER_BY_VOCAB = {32768: "mistral-v3"}  # without tokenizer.model; other sizes keep the default
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Orbax OCDBT data-file size (which also caps its chunk size) when writing a converted
 # checkpoint. Tensorstore buffers whole data files, up to 128 in flight (Orbax's file I/O
@@ -117,6 +119,8 @@ def _leaf_shapes(config: MixtralConfig) -> dict[tuple[str, ...], tuple[int, ...]
 def read_hf_config(directory: str | pathlib.Path) -> MixtralConfig:
     """The model config of a Hugging Face Mixtral directory (its config.json)."""
     path = pathlib.Path(directory) / HF_CONFIG
+    if not pathlib.Path(directory).is_dir():
+        raise UserError(f"{directory}: no such directory")
     if not path.is_file():
         raise UserError(f"{directory}: no {HF_CONFIG}; not a Hugging Face model directory")
     try:
@@ -239,8 +243,21 @@ def convert_from_hf(directory: str | pathlib.Path, out: str | pathlib.Path,
     if (directory / TOKENIZER_FILE).is_file():
         shutil.copyfile(directory / TOKENIZER_FILE, out / TOKENIZER_FILE)
         config = config.replace(tokenizer=str(out / TOKENIZER_FILE))
+    else:
+        config = config.replace(tokenizer=_tokenizer_without_file(directory, config))
     write_run_config(out, {"model": config})
     return out / CHECKPOINTS / "0"
+
+
+def _tokenizer_without_file(directory: pathlib.Path, config: MixtralConfig) -> str:
+    """The tokenizer of a Hugging Face directory with no tokenizer.model: the one its config.json
+    names (`convert_to_hf` names "bytes"), else Mixtral's of the model's vocabulary size."""
+    named = json.loads((directory / HF_CONFIG).read_text()).get(TOKENIZER_KEY)
+    name = named or TOKENIZER_BY_VOCAB.get(config.vocab_size, config.tokenizer)
+    if named is None:
+        print(f"note: no {TOKENIZER_FILE} in {directory}; the checkpoint names the tokenizer {name!r} "
+              f"(vocab_size {config.vocab_size}); train with data.tokenizer=... to use another", file=sys.stderr)
+    return name
 
 
 def _save_params(run_dir: pathlib.Path, params: dict) -> None:
@@ -294,12 +311,15 @@ def convert_to_hf(checkpoint: str | pathlib.Path, directory: str | pathlib.Path,
         total = sum(math.prod(t.shape) * dtypes[t.leaf].itemsize for t in tensors)
         written.append(directory / INDEX_FILE)
         written[-1].write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    written.append(directory / HF_CONFIG)
-    written[-1].write_text(json.dumps(config.replace(param_dtype=dtypes[("embed",)].name).to_hf_config(), indent=2))
+    hf_config = config.replace(param_dtype=dtypes[("embed",)].name).to_hf_config()
     tokenizer = _tokenizer_file(config)
     if tokenizer is not None:
         written.append(directory / TOKENIZER_FILE)
         shutil.copyfile(tokenizer, written[-1])
+    elif config.tokenizer == "bytes":  # no file to copy: named for `convert_from_hf`
+        hf_config[TOKENIZER_KEY] = config.tokenizer
+    written.append(directory / HF_CONFIG)
+    written[-1].write_text(json.dumps(hf_config, indent=2))
     return written
 
 
@@ -400,6 +420,8 @@ def _tokenizer_file(config: MixtralConfig) -> pathlib.Path | None:
     or the tokenizer does not fit the model's vocabulary."""
     from mixtral_jax.tokenizer import Tokenizer
 
+    if config.tokenizer == "bytes":  # the byte tokenizer is code, not a file
+        return None
     try:
         return Tokenizer.for_config(config).path
     except UserError as err:

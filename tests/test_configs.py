@@ -28,6 +28,16 @@ def test_dotted_overrides_reach_the_sections():
     assert run.model_config.num_hidden_layers == 3
 
 
+def test_a_config_path_that_is_not_a_yaml_file_is_one_clear_error(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    for path, message in [(tmp_path / "binary.yaml", "not a YAML file"),
+                          (tmp_path, "is a directory"),
+                          (tmp_path / "no" / "tiny.yaml", "not found")]:  # not the bundled tiny.yaml
+        with pytest.raises(UserError, match=message):
+            load_run_config(str(path))
+    assert load_run_config("configs/tiny.yaml").train == load_run_config("tiny").train
+
+
 @pytest.mark.parametrize("item", ["train.steps", "=3", "train..steps=3"])
 def test_malformed_overrides_are_one_clear_error(item):
     with pytest.raises(UserError, match="dotted.key=value"):
@@ -40,8 +50,8 @@ def test_info_reports_the_presets_counts_and_refuses_a_bad_length(capsys):
     import mixtral_jax
     from mixtral_jax.cli import main
 
-    # overrides on both sides of an option
-    assert main(["info", "--preset", "tiny", "num_hidden_layers=3", "--seq-len", "64", "vocab_size=512"]) == 0
+    # overrides on both sides of an option, bare or under model. as `train` and `plan` take them
+    assert main(["info", "--preset", "tiny", "num_hidden_layers=3", "--seq-len", "64", "model.vocab_size=512"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     config = mixtral_jax.preset("tiny", num_hidden_layers=3, vocab_size=512)
     assert report["total_params"] == config.num_params and report["seq_len"] == 64

@@ -123,6 +123,29 @@ def test_bfloat16_stays_bfloat16_and_the_tokenizer_travels(tmp_path):
         assert np.array_equal(converted[name].view(np.uint16), tensor.view(np.uint16)), name
 
 
+def test_the_byte_tokenizer_survives_a_round_trip_through_hugging_face(tmp_path, capsys):
+    save_params(tmp_path / "run", mixtral_jax.init(mixtral_jax.preset("tiny", vocab_size=272, tokenizer="bytes")))
+    files = hf.convert_to_hf(tmp_path / "run", tmp_path / "hf", progress=False)
+    assert {f.name for f in files} == {hf.SINGLE_FILE, hf.HF_CONFIG}  # the byte tokenizer has no file
+    assert json.loads((tmp_path / "hf" / hf.HF_CONFIG).read_text())[hf.TOKENIZER_KEY] == "bytes"
+    assert "note" not in capsys.readouterr().err
+    transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf")  # the extra key is harmless there
+    capsys.readouterr()
+    hf.convert_from_hf(tmp_path / "hf", tmp_path / "back", progress=False)
+    assert read_model_config(tmp_path / "back").tokenizer == "bytes"
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("vocab_size, tokenizer", [(32768, "mistral-v3"), (32000, "mistral-v1")])
+def test_without_tokenizer_model_the_vocabulary_size_picks_mixtrals(tmp_path, capsys, vocab_size, tokenizer):
+    _, directory = make_hf_model(tmp_path, vocab_size=vocab_size)
+    capsys.readouterr()
+    hf.convert_from_hf(directory, tmp_path / "ours", progress=False)
+    assert read_model_config(tmp_path / "ours").tokenizer == tokenizer
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and f"no {hf.TOKENIZER_FILE}" in note and repr(tokenizer) in note
+
+
 def _drop_tensor(directory):
     tensors = _tensors(directory)
     del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
@@ -156,6 +179,11 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, capsys, corrupt, message)
     assert not (tmp_path / "ours" / "checkpoints").exists()
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         load(directory)
+
+
+def test_a_missing_hugging_face_directory_is_named_as_missing(tmp_path, capsys):
+    assert main(["convert", "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "ours")]) == 2
+    assert capsys.readouterr().err == f"mixtral-jax convert: error: {tmp_path / 'nope'}: no such directory\n"
 
 
 def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path, capsys):

@@ -151,3 +151,5 @@ def test_plan_tiny_on_eight_devices(capsys):
     assert report["decode"]["kv_cache"] > 0 and report["batch_size"] == 8
     assert cli.main(["plan", "--preset", "tiny", "--devices", "8", "mesh.tensor=8"]) == 2
     assert "num_key_value_heads=2 is not divisible by mesh.tensor=8" in capsys.readouterr().err
+    assert cli.main(["plan", "--preset", "tiny", "--devices", "8", "--seq-len", "100000"]) == 2
+    assert "seq_len (100000) exceeds model.max_position_embeddings (512)" in capsys.readouterr().err

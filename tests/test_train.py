@@ -54,6 +54,9 @@ def random_batch(vocab: int, rows: int, length: int, seed: int = 0, padded_rows:
     (["train.batch_size=4"], "batch size 4 is not divisible"),
     (["data.source=/no/such/file.txt"], "not found"),
     (["train.layer_loop=sideways"], "train.layer_loop must be one of"),
+    (["train.lr=inf"], "train.lr must be a finite number"),  # else the first step's loss is NaN
+    (["train.lr=-1"], "error: train.lr must be >= 0"),  # named once, not "train: train.lr"
+    (["train.peak_flops=-1"], "train.peak_flops must be >= 0"),  # else a negative MFU
 ])
 def test_bad_config_is_one_clear_line_before_compiling(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"
@@ -214,6 +217,28 @@ def test_skip_nonfinite_discards_the_bad_updates(tmp_path, capsys):
                   for s in (1, 4)}
     jax.tree.map(np.testing.assert_array_equal, after_step[4], after_step[1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_step[4]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ("data.shuffle=false", "another data stream (data.shuffle differ)"),
+    ("train.seq_len=32", "another data stream (train.seq_len differ)"),
+    ("model.num_hidden_layers=3", "a different model (model.num_hidden_layers differ)"),
+])
+def test_resuming_over_another_model_or_data_stream_is_refused(tmp_path, capsys, change, message):
+    run_dir = tmp_path / "run"  # a run with a step saved, of the tiny config
+    (run_dir / checkpoint.CHECKPOINTS / "3" / checkpoint.PARAMS).mkdir(parents=True)
+    checkpoint.write_run_config(run_dir, load_run_config("tiny", [f"run_dir={run_dir}"]).to_dict())
+    assert cli.main(["train", "--config", "tiny", f"run_dir={run_dir}", "train.steps=5", change]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+    assert sorted(p.name for p in (run_dir / checkpoint.CHECKPOINTS).iterdir()) == ["3"]
+
+
+def test_a_damaged_run_config_is_one_clear_error(tmp_path):
+    for text, word in [("model: [1", "not valid YAML"), ("[1, 2]", "not a mapping")]:
+        (tmp_path / checkpoint.CONFIG_FILE).write_text(text)
+        with pytest.raises(UserError, match=word):
+            checkpoint.read_run_config(tmp_path)
 
 
 @pytest.mark.parametrize("run_dir, message", [

@@ -65,6 +65,8 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "train.b1 and train.b2 must be in [0, 1)")
+        _check(self.peak_flops is None or self.peak_flops >= 0,
+               f"train.peak_flops must be >= 0 (0: no MFU), got {self.peak_flops}")
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                f"({self.grad_accum})")

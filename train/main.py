@@ -53,12 +53,28 @@ def _check_run_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
     return run_dir
 
 
-def _check_same_model(run_dir: pathlib.Path, model_config) -> None:
-    saved = checkpoint.read_run_config(run_dir).get("model")
-    if saved != model_config.to_dict():
-        changed = sorted(k for k, v in model_config.to_dict().items() if (saved or {}).get(k) != v)
+# the settings that fix which batches a run reads: a saved data position means nothing under others
+DATA_STREAM_KEYS = {"data": ("source", "format", "text_field", "tokenizer", "packing", "packing_mask",
+                             "shuffle", "seed"),
+                    "train": ("batch_size", "seq_len", "seed")}
+
+
+def _check_resumable(run_dir: pathlib.Path, run: RunConfig) -> None:
+    """UserError unless the run saved in `run_dir` can go on under `run`: the same model, and
+    the same data stream (settings the saved config.yaml lacks are not compared)."""
+    saved = checkpoint.read_run_config(run_dir)
+    model = run.model_config.to_dict()
+    if saved.get("model") != model:
+        changed = sorted(k for k, v in model.items() if (saved.get("model") or {}).get(k) != v)
         raise UserError(f"{run_dir} holds a run of a different model (model.{', model.'.join(changed)} "
                         f"differ); resume it unchanged or pick another run_dir")
+    wanted = run.to_dict()
+    changed = [f"{section}.{key}" for section, keys in DATA_STREAM_KEYS.items() for key in keys
+               if key in (saved.get(section) or {}) and saved[section][key] != wanted[section][key]]
+    if changed:
+        raise UserError(f"{run_dir} holds a run over another data stream ({', '.join(changed)} differ), "
+                        f"so its saved data position does not apply; resume it unchanged, or start a new "
+                        f"run_dir with init_from={run_dir} (train.reset_optimizer=false keeps the optimizer)")
 
 
 def _initial_state(run: RunConfig, mesh, optimizer, checkpointer: Checkpointer, resume_step):
@@ -140,7 +156,7 @@ def train(run: RunConfig) -> dict:
     checkpointer = Checkpointer(run_dir, run.checkpoint)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
-        _check_same_model(run_dir, config)
+        _check_resumable(run_dir, run)
         if resume_step >= train_cfg.steps:
             checkpointer.close()
             print(f"{run_dir} already finished at step {resume_step} (train.steps={train_cfg.steps}); "

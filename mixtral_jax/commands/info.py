@@ -10,7 +10,7 @@ def add_arguments(parser):
     parser.add_argument("--preset", default="mixtral-8x7b", help="model preset name")
     parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="model field overrides, e.g. num_hidden_layers=4")
+                        help="model field overrides, e.g. num_hidden_layers=4 (or model.num_hidden_layers=4)")
 
 
 def run(args):
@@ -19,7 +19,10 @@ def run(args):
     from mixtral_jax.configtools import parse_overrides, require_positive
 
     require_positive({"--seq-len": args.seq_len})
-    config = from_section({"preset": args.preset, **parse_overrides(args.overrides)})
+    overrides = parse_overrides(args.overrides)
+    if isinstance(overrides.get("model"), dict):  # model.x=..., as `train` and `plan` take it
+        overrides = {**overrides.pop("model"), **overrides}
+    config = from_section({"preset": args.preset, **overrides})
     report = {
         "preset": args.preset,
         "total_params": config.num_params,

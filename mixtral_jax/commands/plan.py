@@ -17,13 +17,17 @@ import sys
 SECTIONS = ("mesh", "model", "train")
 
 
+DEFAULT_SEQ_LEN = 4096  # without --seq-len: this, or the model's context if shorter
+
+
 def add_arguments(parser):
     """Adds `mixtral-jax plan`'s options to `parser`."""
     parser.add_argument("--preset", default="mixtral-8x7b", help="model preset name")
     parser.add_argument("--devices", type=int, default=8, help="simulated devices in the mesh")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global sequences per step (default: one per data x fsdp x expert shard)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="training sequence length (default: the model's context, at most 4096)")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="rows of the decode step (default: one per batch shard; 0 skips it)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -31,8 +35,9 @@ def add_arguments(parser):
 
 
 def _argv(args) -> list[str]:
-    argv = ["plan", "--preset", args.preset, "--devices", str(args.devices), "--seq-len", str(args.seq_len)]
-    for flag, value in (("--batch-size", args.batch_size), ("--decode-batch", args.decode_batch)):
+    argv = ["plan", "--preset", args.preset, "--devices", str(args.devices)]
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                        ("--decode-batch", args.decode_batch)):
         if value is not None:
             argv += [flag, str(value)]
     return argv + list(args.overrides)
@@ -70,8 +75,12 @@ def run(args):
     config = from_section({"preset": args.preset, **overrides.get("model", {})})
     mesh = sharding.make_mesh(build(sharding.MeshConfig, overrides.get("mesh"), "mesh"))
     shards = sharding.batch_devices(mesh)
-    train_cfg = build(TrainConfig, {"batch_size": args.batch_size or shards, "seq_len": args.seq_len,
+    seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings) if args.seq_len is None else args.seq_len
+    train_cfg = build(TrainConfig, {"batch_size": args.batch_size or shards, "seq_len": seq_len,
                                     **overrides.get("train", {})}, "train")
+    if train_cfg.seq_len > config.max_position_embeddings:
+        raise UserError(f"seq_len ({train_cfg.seq_len}) exceeds model.max_position_embeddings "
+                        f"({config.max_position_embeddings})")
     decode_batch = shards if args.decode_batch is None else args.decode_batch
     report = {"preset": args.preset, "devices": args.devices, "mesh": dict(mesh.shape),
               "batch_size": train_cfg.batch_size, "seq_len": train_cfg.seq_len,
