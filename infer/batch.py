@@ -62,35 +62,54 @@ class Row:
 
 def part_path(output: str | os.PathLike, process_index: int, process_count: int) -> pathlib.Path:
     """The file this process writes: OUTPUT itself, or OUTPUT.part-<i>-of-<n> on many processes."""
-    output = pathlib.Path(output)
+    output = pathlib.Path(output).expanduser()
     if process_count == 1:
         return output
     return output.with_name(f"{output.name}.part-{process_index}-of-{process_count}")
 
 
+RECORD_START = b'{"id": '  # how every record this job writes begins (`_append`)
+
+
 def finished_lines(path: pathlib.Path) -> set[int]:
-    """Input lines already in the output; a torn last line (a killed write) is cut off the file."""
+    """Input lines already in the output (blank lines skipped). A torn last line (a killed
+    write) is cut off the file, but only once every whole line has read as a record of this
+    job and the torn one begins like one: any other file is refused untouched."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep)
     lines = set()
     for number, raw in enumerate(data[:keep].splitlines(), 1):
+        if not raw.strip():
+            continue
         try:
             lines.add(int(json.loads(raw)["line"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise UserError(f"{path}:{number}: not a record of this job; use another --output") from None
+    torn = data[keep:]
+    if torn and not _cut_record(torn):
+        raise UserError(f"{path}: its last line is not a record of this job; use another --output")
+    if torn:
+        with path.open("r+b") as f:
+            f.truncate(keep)
     return lines
+
+
+def _cut_record(tail: bytes) -> bool:
+    """Whether `tail`, a last line without its newline, is a record a kill cut short."""
+    try:
+        whole = json.loads(tail)  # all there but the newline
+    except (ValueError, RecursionError):  # cut inside: it must begin as every record does
+        return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+    return isinstance(whole, dict) and "line" in whole
 
 
 def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator) -> Iterator[Row]:
     """Every non-blank input line as a `Row` (duplicate ids become errors)."""
     first_line: dict[str, int] = {}
     try:
-        f = open(path, "rb")
+        f = open(pathlib.Path(path).expanduser(), "rb")
     except OSError as err:
         raise UserError(f"cannot read input {path}: {err.strerror}") from None
     with f:
@@ -109,13 +128,17 @@ def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator
 
 def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -> Row:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
         return Row(number, _id_of(raw.decode("utf-8", "replace")), error=f"invalid UTF-8 at byte {err.start}")
+    if number == 1:
+        text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         return Row(number, None, error=f"not valid JSON ({err.msg} at column {err.colno})")
+    except RecursionError:
+        return Row(number, None, error="not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return Row(number, None, error="a row must be a JSON object")
     row_id = obj.get("id")
@@ -132,7 +155,7 @@ def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -
 def _id_of(text: str):
     try:
         row_id = json.loads(text).get("id")
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return None
     return row_id if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else None
 

@@ -30,7 +30,9 @@ from mixtral_jax.infer.generate import bucket
 def read_documents(path: str | pathlib.Path, text_field: str = "text") -> list[str]:
     """The documents of a text file (one) or a JSONL file (one per non-blank line); UserError
     for a missing file, a pre-tokenized .npy file (training data, not documents), or no text."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"data file {path} is a directory; name a file")
     if not path.is_file():
         raise UserError(f"data file {path} not found")
     fmt = file_format(path)

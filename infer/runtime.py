@@ -50,8 +50,10 @@ def add_arguments(parser) -> None:
 def read_config(args) -> InferenceConfig:
     """The command's settings, checked."""
     config = build(InferenceConfig, load(args.config, args.overrides))
-    if config.batch_size < 1 or (config.seq_len is not None and config.seq_len < 2) or config.max_new_tokens < 0:
-        raise UserError("batch_size must be >= 1, seq_len >= 2 and max_new_tokens >= 0")
+    for name, value, least in (("batch_size", config.batch_size, 1), ("seq_len", config.seq_len, 2),
+                               ("max_new_tokens", config.max_new_tokens, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{name} must be >= {least}, got {value}")
     return config
 
 

@@ -44,7 +44,12 @@ def read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            except RecursionError:
+                raise UserError(f"{path}:{line_number}: not valid JSON (nested too deeply)") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{line_number}: a line must be a JSON object, got "
+                                f"{type(row).__name__}")
+            if not isinstance(row.get(text_field), str):
                 raise UserError(f"{path}:{line_number}: no string field {text_field!r} (name the key "
                                 f"holding the text: data.text_field in training, --text-field in eval)")
             texts.append(row[text_field])

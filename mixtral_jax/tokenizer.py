@@ -120,11 +120,11 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, optionally framed by bos / eos."""
-        return self.processor.Encode(text, add_bos=bos, add_eos=eos)
+        return self.processor.Encode(unicode_text(text), add_bos=bos, add_eos=eos)
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         """`encode` of each text, run by SentencePiece's batch encoder on all cores."""
-        return self.processor.Encode(list(texts), add_bos=bos, add_eos=eos)
+        return self.processor.Encode([unicode_text(text) for text in texts], add_bos=bos, add_eos=eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; control tokens (bos, eos, [INST] ...) and padding produce no text."""
@@ -176,6 +176,22 @@ class Tokenizer:
         return self.encode(content, bos=False, eos=True)
 
 
+def unicode_text(text: str, what: str = "text") -> str:
+    """`text`, or UserError naming `what` if it holds a lone surrogate, which has no UTF-8 and
+    so no tokens (JSON's unpaired "\\ud800" escapes, or bytes that are not UTF-8 in a
+    command-line argument)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{what} is not valid Unicode at character {err.start} (a lone surrogate, "
+                        f"{text[err.start]!r}: an unpaired escape, or bytes that are not UTF-8)") from None
+    return text
+
+
+def _a(role: str) -> str:
+    return "an assistant" if role == "assistant" else f"a {role}"
+
+
 def _check_conversation(messages) -> tuple[str, list[tuple[str, str]]]:
     """(system prompt or "", [(role, content), ...] user/assistant turns) of a valid conversation."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
@@ -189,6 +205,7 @@ def _check_conversation(messages) -> tuple[str, list[tuple[str, str]]]:
             raise UserError(f"messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise UserError(f"messages[{i}] content must be a string, got {type(content).__name__}")
+        unicode_text(content, f"messages[{i}] content")
         if role == "system" and i > 0:
             raise UserError(f"messages[{i}] is a system message; only the first message may be one")
         if role == "assistant" and not content:
@@ -199,7 +216,7 @@ def _check_conversation(messages) -> tuple[str, list[tuple[str, str]]]:
     for i, (role, _) in enumerate(turns):
         expected = ("user", "assistant")[i % 2]
         if role != expected:
-            raise UserError(f"messages[{i + offset}] is a {role} message where a {expected} message "
+            raise UserError(f"messages[{i + offset}] is {_a(role)} message where {_a(expected)} message "
                             "belongs: turns must alternate user/assistant, starting with user")
     if not turns:
         raise UserError("the conversation has no user message")
@@ -291,7 +308,7 @@ class ByteTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """UTF-8 bytes of `text` shifted by 3, optionally framed by bos / eos."""
-        ids = [b + 3 for b in text.encode("utf-8")]
+        ids = [b + 3 for b in unicode_text(text).encode("utf-8")]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def encode_batch(self, texts, bos: bool = True, eos: bool = False) -> list[list[int]]:

@@ -11,6 +11,7 @@ import pytest
 
 import mixtral_jax as mj
 from mixtral_jax.checkpoint import save_params
+from mixtral_jax.configtools import UserError
 from mixtral_jax.infer import runtime
 from mixtral_jax.infer.batch import finished_lines, part_path, run_job
 from mixtral_jax.infer.generate import Generator, Request
@@ -44,7 +45,7 @@ def read_records(path):
 
 
 MIXED = [
-    {"id": "a", "prompt": "hello"},
+    b'\xef\xbb\xbf{"id": "a", "prompt": "hello"}',  # a byte-order mark before the first row
     b"{not json",
     {"prompt": "no id"},
     {"id": "b", "prompt": 5},
@@ -55,6 +56,9 @@ MIXED = [
     {"id": "f", "prompt": "abc", "temperature": "hot"},
     {"id": 7, "messages": [{"role": "user", "content": "hi"}]},  # the byte tokenizer has no chat format
     {"id": "g", "prompt": "stop early", "stop": ["\n", "q"]},
+    b'{"id": "h", "prompt": "a\\ud800"}',  # an unpaired surrogate escape: no UTF-8, no tokens
+    b"[" * 100_000,  # deeper than Python's json parser recurses
+    b'{"id": "i", "prompt": ',  # cut short: the error names the column after its last character
 ]
 
 
@@ -74,16 +78,17 @@ def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
     records = {r["line"]: r for r in records}
     assert sorted(records) == list(range(1, len(MIXED) + 1))
     errors = {line: r["error"] for line, r in records.items() if "error" in r}
-    assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10}
+    assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 14}
     for line, word in {2: "JSON", 3: "id", 4: "prompt", 5: "context", 6: "UTF-8", 7: "duplicate",
-                       9: "temperature", 10: "chat"}.items():
-        assert word in errors[line]
+                       9: "temperature", 10: "chat", 12: "not valid Unicode", 13: "nested too deeply",
+                       14: "Expecting value at column 23"}.items():
+        assert word in errors[line], errors[line]
     assert records[6]["id"] == "d" and records[2]["id"] is None
     assert records[1]["finish_reason"] in ("eos", "length") and records[1]["completion_tokens"] <= 6
     assert records[1]["prompt_tokens"] == 6  # bos + 5 bytes
     assert records[8]["completion_tokens"] <= 3
     assert records[11]["finish_reason"] in ("eos", "length", "stop")
-    assert (counts["completed"], counts["errors"]) == (3, 8)
+    assert (counts["completed"], counts["errors"]) == (3, 11)
 
 
 OUT_OF_RANGE = [  # bad settings among good rows of the same batch
@@ -138,9 +143,22 @@ def test_process_shards_cover_every_line_once(tmp_path, generator):
 
 def test_torn_last_line_is_cut_and_redone(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_bytes(b'{"id": 1, "line": 1, "text": "x"}\n{"id": 2, "line": 2, "te')
+    out.write_bytes(b'{"id": 1, "line": 1, "text": "x"}\n\n{"id": 2, "line": 2, "te')  # a blank line too
     assert finished_lines(out) == {1}
-    assert out.read_bytes().endswith(b'"x"}\n')
+    assert out.read_bytes().endswith(b'"x"}\n\n')
+
+
+@pytest.mark.parametrize("content", [
+    b'{"id": "a", "prompt": "The"}\n{"id": "b", "prompt": "Hi"}',  # the input given as --output
+    b'{"id": "b", "prompt": "Hi"}',  # one line, no newline
+    b'{"id": 1, "line": 1, "text": "x"}\nnotes without a newline',  # a record, then not one
+])
+def test_a_file_that_is_not_this_jobs_output_is_refused_untouched(tmp_path, content):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(UserError, match="not a record of this job"):
+        finished_lines(out)
+    assert out.read_bytes() == content
 
 
 def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):

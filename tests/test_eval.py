@@ -93,15 +93,20 @@ def run_dir(tmp_path):
     ("empty-text.jsonl", b'{"text": ""}\n', "empty-text.jsonl holds no documents"),
     ("empty.jsonl", b"", "empty.jsonl holds no documents"),
     ("tokens.npy", None, "tokens.npy: eval reads text or JSONL documents"),
+    ("array.jsonl", b'{"text": "ok"}\n["text"]\n', "array.jsonl:2: a line must be a JSON object, got list"),
+    ("deep.jsonl", b"[" * 100_000 + b"\n", "deep.jsonl:1: not valid JSON (nested too deeply)"),
+    ("folder", "dir", "data file {path} is a directory"),
 ])
 def test_eval_bad_data_is_one_line(tmp_path, capsys, run_dir, name, content, message):
     path = tmp_path / name
     if content is None:
         np.save(path, np.arange(1, 40, dtype=np.int32))
+    elif content == "dir":
+        path.mkdir()
     else:
         path.write_bytes(content)
     assert main(["eval", "--checkpoint", str(run_dir), "--data", str(path), "compile_cache="]) == 2
-    assert message in one_line_error(capsys, "eval")
+    assert message.format(path=path) in one_line_error(capsys, "eval")
 
 
 def test_eval_output_is_checked_before_scoring(tmp_path, capsys, run_dir, monkeypatch):

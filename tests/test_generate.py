@@ -252,10 +252,14 @@ def test_generate_command_rejects_bad_settings_in_one_line(tmp_path, capsys):
     prompt = ["--prompt", "The"]  # after the key=value settings
     for settings, word in [(["seed=-1", "temperature=1"], "2**32"), (["seed=99999999999"], "2**32"),
                            (["temperature=nan"], "temperature"), (["top_p=nan", "temperature=1"], "top_p"),
-                           (["temperature=inf"], "temperature"), (['stop=[""]'], "stop")]:
+                           (["temperature=inf"], "temperature"), (['stop=[""]'], "stop"),
+                           (["max_new_tokens=-1"], "max_new_tokens must be >= 0, got -1"),
+                           (["seq_len=1"], "seq_len must be >= 2, got 1")]:
         assert main(args + settings + prompt) == 2, settings
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err and word in err, err
+    assert main(args + ["--prompt", "ab\udcffc"]) == 2  # how Python hands over argv's byte 0xff
+    assert "--prompt:1: not valid UTF-8 (byte 0xff)" in capsys.readouterr().err
     assert main(args + prompt + ["--system", "be brief"]) == 2  # --system is for --chat turns only
     assert "--system only applies with --chat" in capsys.readouterr().err
     assert main(args + ["--chat"]) == 2

@@ -133,8 +133,10 @@ BAD_CONVERSATIONS = [
     ([{"role": "user"}], "'role' and 'content'"),
     ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
     ([{"role": "user", "content": ["x"]}], "must be a string"),
-    ([{"role": "assistant", "content": "hi"}], "where a user message belongs"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages\\[1\\]"),
+    ([{"role": "assistant", "content": "hi"}], "is an assistant message where a user message belongs"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "messages\\[1\\] is a user message where an assistant message belongs"),
+    ([{"role": "user", "content": "a\ud800"}], "messages\\[0\\] content is not valid Unicode at character 1"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only the first"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}], "empty content"),
     ([{"role": "system", "content": "only a system prompt"}], "no user message"),
@@ -145,6 +147,15 @@ BAD_CONVERSATIONS = [
 def test_malformed_conversations(v1, messages, message):
     with pytest.raises(UserError, match=message):
         v1.encode_chat(messages)
+
+
+@pytest.mark.parametrize("name", ["mistral-v1", "bytes"])
+def test_text_with_a_lone_surrogate_is_one_clear_error(name):
+    # from JSON's "\ud800", or from a command-line argument's bytes that are not UTF-8
+    tok = tokenizer.load_tokenizer(preset("tiny", vocab_size=32000), name)
+    for encode in (tok.encode, lambda text: tok.encode_batch([text])):
+        with pytest.raises(UserError, match="not valid Unicode at character 2"):
+            encode("ab\udcff")
 
 
 def streamed(tok, ids):

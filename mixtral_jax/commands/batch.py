@@ -8,6 +8,7 @@ See `mixtral_jax.infer.batch` for the row formats, error records, resuming and m
 from __future__ import annotations
 
 import json
+import pathlib
 
 
 def add_arguments(parser):
@@ -24,10 +25,13 @@ def run(args):
     """Runs `mixtral-jax batch` with the parsed `args`."""
     import jax
 
+    from mixtral_jax.configtools import UserError
     from mixtral_jax.infer import runtime
     from mixtral_jax.infer.batch import run_job
     from mixtral_jax.infer.generate import Generator
 
+    if not pathlib.Path(args.input).expanduser().is_file():  # before the (slow) checkpoint load
+        raise UserError(f"--input {args.input} is not a file")
     config, mesh, model, tokenizer = runtime.open_checkpoint(args, local_mesh=True)
     generator = Generator(model, tokenizer, mesh=mesh)
     summary = run_job(generator, args.input, args.output, config, batch_size=config.batch_size,

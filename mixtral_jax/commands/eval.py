@@ -27,14 +27,14 @@ def run(args):
     from mixtral_jax.infer import runtime
     from mixtral_jax.infer.evaluate import evaluate
 
-    if args.output:  # before scoring: a bad path found afterwards would lose the scores
-        check_output_file(args.output, "--output")
+    # checked before scoring: a bad path found afterwards would lose the scores
+    output = check_output_file(args.output, "--output") if args.output else None
     config, mesh, model, tokenizer = runtime.open_checkpoint(args)
     seq_len = config.seq_len or min(DEFAULT_WINDOW, model.config.max_position_embeddings)
     summary, records = evaluate(model, tokenizer, args.data, seq_len=seq_len,
                                 batch_size=config.batch_size, text_field=args.text_field, mesh=mesh,
                                 progress=True)
-    if args.output:
-        with open(args.output, "w") as out:
+    if output:
+        with output.open("w") as out:
             out.writelines(json.dumps(record) + "\n" for record in records)
     print(json.dumps(summary))

@@ -11,6 +11,7 @@ the whole conversation in the instruct format (the cache is not kept between tur
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -29,11 +30,14 @@ def add_arguments(parser):
 def run(args):
     """Runs `mixtral-jax generate` with the parsed `args`."""
     from mixtral_jax.configtools import UserError
+    from mixtral_jax.documents import decode_utf8
     from mixtral_jax.infer import runtime
     from mixtral_jax.infer.generate import Generator, Request, require_chat_format
 
     if args.system is not None and not args.chat:  # --prompt is plain text, not a chat turn
         raise UserError("--system only applies with --chat")
+    if args.prompt is not None:  # argv's undecodable bytes arrive as surrogates: decoded strictly
+        args.prompt = decode_utf8(os.fsencode(args.prompt), "--prompt")
     config, mesh, model, tokenizer = runtime.open_checkpoint(args)
     generator = Generator(model, tokenizer, mesh=mesh, chunk=8)
     settings = Request((), config.max_new_tokens, config.temperature, config.top_k, config.top_p,
