@@ -140,7 +140,7 @@ def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -
     except RecursionError:
         return Row(number, None, error="not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
-        return Row(number, None, error="a row must be a JSON object")
+        return Row(number, None, error="a row must be a JSON object (the input is JSONL: one object per line)")
     row_id = obj.get("id")
     if row_id is None:
         return Row(number, None, error="missing id")

@@ -14,6 +14,7 @@ one step folder, and restores only `params`, onto whatever shardings it asks for
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Any
 
@@ -123,11 +124,25 @@ def shape_mismatch(found: dict, wanted: dict, where: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _readable(step_dir: pathlib.Path):
+    """A failed read of the stored parameters as one UserError line: the root cause's first line,
+    which names the array (Orbax wraps tensorstore's error, kilobytes with its spec)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 -- the wrapper is a bare Exception
+        while err.__cause__ is not None:
+            err = err.__cause__
+        detail = (str(err).splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0][:300]
+        raise UserError(f"{step_dir}: parameters unreadable: damaged, or not of the model config ({detail})") from None
+
+
 def _check_shapes(step_dir: pathlib.Path, target) -> None:
     """UserError naming the first parameter whose stored shape is not the target's."""
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        stored = param_shapes(handler.metadata((step_dir / PARAMS).absolute()))
+        with _readable(step_dir):
+            stored = param_shapes(handler.metadata((step_dir / PARAMS).absolute()))
     finally:
         handler.close()
     mismatch = shape_mismatch(stored, param_shapes(target), "the checkpoint")
@@ -146,10 +161,8 @@ def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           nnx.to_pure_dict(state))
     _check_shapes(step_dir, target)  # before reading: a failed read leaves tracebacks at exit
-    try:
+    with _readable(step_dir):
         restored = ocp.StandardCheckpointer().restore((step_dir / PARAMS).absolute(), target)
-    except (ValueError, KeyError) as err:
-        raise UserError(f"{step_dir}: parameters do not match the model config ({err})") from None
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model

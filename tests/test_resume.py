@@ -103,3 +103,16 @@ def test_init_from_a_checkpoint_of_another_shape_is_one_line(tmp_path, reference
     assert re.fullmatch(r"mixtral-jax train: error: .*: parameters do not match the model config: "
                         r"layers/\S+ is \(2, [\d, ]+\) in the checkpoint, \(3, [\d, ]+\) in the model\n",
                         done.stderr), done.stderr
+
+
+def test_a_damaged_checkpoint_is_named_with_the_array_it_breaks_on(tmp_path):
+    import mixtral_jax as mj
+    from mixtral_jax.checkpoint import load_checkpoint, save_params
+    from mixtral_jax.configtools import UserError
+
+    step = save_params(tmp_path / "run", mj.init(mj.preset("tiny"), seed=0))
+    for data in step.rglob("d/*"):  # every OCDBT data file cut short
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"parameters unreadable: damaged, or not of the model config "
+                                        r"\(OUT_OF_RANGE: Error (reading|opening) "):
+        load_checkpoint(tmp_path / "run")
