@@ -21,7 +21,7 @@ COMMANDS = {
     "convert": "convert between Hugging Face safetensors and mixtral-jax checkpoints",
     "info": "parameter counts and FLOPs per token of a preset",
     "plan": "compile a training step for a mesh ahead of time and report per-device memory",
-    "bench": "speed benchmarks that print JSON (moe, compile, train, decode)",
+    "bench": "speed benchmarks that print JSON (moe, compile, train, decode, batch)",
     "tokenizer": "encode, decode, or train a SentencePiece tokenizer",
 }
 
