@@ -3,7 +3,8 @@
 Input: one JSON object per line with an `id` (string or integer) and either
 `prompt` (a string) or `messages` (a conversation), and optionally its own
 `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop` (other keys
-are ignored). Blank lines are skipped.
+are ignored, e.g. metadata, except near-misses of these names such as
+`tempreature`, which are errors). Blank lines are skipped.
 
 Output: one JSON object per input line, in completion order:
     {"id", "line", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
@@ -36,6 +37,7 @@ when all have finished.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import pathlib
@@ -160,7 +162,18 @@ def _id_of(text: str):
     return row_id if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else None
 
 
+ROW_KEYS = ("id", "prompt", "messages", *SETTINGS, "stop")
+
+
+def _check_spelling(obj: dict) -> None:
+    """UserError for a key that looks like a misspelt setting (it would be ignored silently)."""
+    for key in obj:
+        if key not in ROW_KEYS and (near := difflib.get_close_matches(key, ROW_KEYS, n=1, cutoff=0.8)):
+            raise UserError(f"unknown key {key!r} (did you mean {near[0]!r}?)")
+
+
 def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
+    _check_spelling(obj)
     if ("prompt" in obj) == ("messages" in obj):
         raise UserError("a row needs exactly one of 'prompt' or 'messages'")
     if "prompt" in obj:

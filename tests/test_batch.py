@@ -59,6 +59,8 @@ MIXED = [
     b'{"id": "h", "prompt": "a\\ud800"}',  # an unpaired surrogate escape: no UTF-8, no tokens
     b"[" * 100_000,  # deeper than Python's json parser recurses
     b'{"id": "i", "prompt": ',  # cut short: the error names the column after its last character
+    {"id": "j", "prompt": "hey", "tempreature": 2},  # a misspelt setting would be ignored silently
+    {"id": "k", "prompt": "hey", "source": "notes", "max_new_tokens": 2},  # other keys: metadata, ignored
 ]
 
 
@@ -78,17 +80,18 @@ def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
     records = {r["line"]: r for r in records}
     assert sorted(records) == list(range(1, len(MIXED) + 1))
     errors = {line: r["error"] for line, r in records.items() if "error" in r}
-    assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 14}
+    assert set(errors) == {2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 14, 15}
     for line, word in {2: "JSON", 3: "id", 4: "prompt", 5: "context", 6: "UTF-8", 7: "duplicate",
                        9: "temperature", 10: "chat", 12: "not valid Unicode", 13: "nested too deeply",
-                       14: "Expecting value at column 23"}.items():
+                       14: "Expecting value at column 23", 15: "did you mean 'temperature'"}.items():
         assert word in errors[line], errors[line]
     assert records[6]["id"] == "d" and records[2]["id"] is None
     assert records[1]["finish_reason"] in ("eos", "length") and records[1]["completion_tokens"] <= 6
     assert records[1]["prompt_tokens"] == 6  # bos + 5 bytes
     assert records[8]["completion_tokens"] <= 3
     assert records[11]["finish_reason"] in ("eos", "length", "stop")
-    assert (counts["completed"], counts["errors"]) == (3, 11)
+    assert records[16]["completion_tokens"] <= 2
+    assert (counts["completed"], counts["errors"]) == (4, 12)
 
 
 OUT_OF_RANGE = [  # bad settings among good rows of the same batch
