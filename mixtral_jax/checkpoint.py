@@ -24,7 +24,7 @@ import yaml
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, from_section
-from mixtral_jax.configtools import UserError
+from mixtral_jax.configtools import UserError, read_mapping
 
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
@@ -69,13 +69,7 @@ def read_run_config(run_dir: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: no {CONFIG_FILE} beside the checkpoints")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise UserError(f"{path}: damaged (not valid YAML)") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: damaged (not a mapping of sections)")
-    return config
+    return read_mapping(path)
 
 
 def read_model_config(path: str | pathlib.Path) -> MixtralConfig:

@@ -86,18 +86,24 @@ def load(name_or_path: str | None, overrides: list[str] = ()) -> dict[str, Any]:
     """The config file (or {} for None) with the overrides applied, as a plain dict."""
     data: dict[str, Any] = {}
     if name_or_path is not None:
-        path = find_config(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not a YAML file (its bytes are not UTF-8 text)") from None
-        except OSError as err:
-            raise UserError(f"{path}: cannot be read ({err.strerror})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a run config must be a mapping of sections")
+        data = read_mapping(find_config(name_or_path))
     return merge(data, parse_overrides(list(overrides)))
+
+
+def read_mapping(path: pathlib.Path) -> dict[str, Any]:
+    """A YAML file of sections as a dict ({} when empty); UserError, one line, when it cannot be
+    read, is not UTF-8 text or not YAML, or holds something other than a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a YAML file (its bytes are not UTF-8 text)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a mapping of sections")
+    return data
 
 
 def build(cls, data: dict[str, Any] | None, where: str = ""):
