@@ -103,6 +103,7 @@ def test_init_from_a_checkpoint_of_another_shape_is_one_line(tmp_path, reference
     assert re.fullmatch(r"mixtral-jax train: error: .*: parameters do not match the model config: "
                         r"layers/\S+ is \(2, [\d, ]+\) in the checkpoint, \(3, [\d, ]+\) in the model\n",
                         done.stderr), done.stderr
+    assert not (tmp_path / "deeper" / "config.yaml").exists()  # no half-made run left to resume
 
 
 def test_a_damaged_checkpoint_is_named_with_the_array_it_breaks_on(tmp_path):

@@ -162,11 +162,10 @@ def train(run: RunConfig) -> dict:
             print(f"{run_dir} already finished at step {resume_step} (train.steps={train_cfg.steps}); "
                   f"raise train.steps to go on, or pick another run_dir")
             return {"run_dir": str(run_dir), "step": resume_step}
-    if main:
-        checkpoint.write_run_config(run_dir, run.to_dict())
-
     optimizer = make_optimizer(train_cfg)
     graphdef, state, shardings, data_state = _initial_state(run, mesh, optimizer, checkpointer, resume_step)
+    if main:  # after the start is read: a bad init_from leaves no config.yaml that looks like a run
+        checkpoint.write_run_config(run_dir, run.to_dict())
     if data_state is not None:
         loader.set_state(data_state)
     replicated = NamedSharding(mesh, PartitionSpec())
