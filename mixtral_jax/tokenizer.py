@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from mixtral_jax.configtools import UserError
+from mixtral_jax.documents import decode_utf8
 
 TOKENIZERS = {  # name -> file in mistral_common/data
     "mistral-v1": "tokenizer.model.v1",  # Mixtral 8x7B (and -Instruct)
@@ -273,7 +274,7 @@ def train(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | os.Pa
     for path in paths:
         if not path.is_file():
             raise UserError(f"input file {path} not found")
-    if not any(_has_text(path) for path in paths):
+    if not any([_holds_text(path) for path in paths]):  # a list: every file is checked
         raise UserError(f"the input files hold no text: {', '.join(map(str, paths))}")
     if max_sentences < 1:
         raise UserError(f"max_sentences must be positive, got {max_sentences}")
@@ -295,9 +296,22 @@ def train(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | os.Pa
     return Tokenizer(out)
 
 
-def _has_text(path: pathlib.Path) -> bool:
+def _holds_text(path: pathlib.Path, chunk_bytes: int = 1 << 20) -> bool:
+    """Whether the file holds more than whitespace; UserError naming the line of the first byte
+    that is not UTF-8 (SentencePiece would train on such bytes without a word)."""
+    found, line, tail = False, 1, b""
     with path.open("rb") as f:
-        return any(line.strip() for line in f)
+        while chunk := f.read(chunk_bytes):
+            data = tail + chunk
+            cut = len(data)  # the last character (maybe cut off by the chunk) waits for the next one
+            while cut > len(data) - 4 and cut and data[cut - 1] & 0xC0 == 0x80:  # continuation bytes
+                cut -= 1
+            cut -= bool(cut and data[cut - 1] >= 0xC0)  # and the byte that starts them
+            whole, tail = data[:cut], data[cut:]
+            decode_utf8(whole, path, line)
+            found, line = found or bool(whole.strip()), line + whole.count(b"\n")
+    decode_utf8(tail, path, line)
+    return found or bool(tail.strip())
 
 
 class ByteTokenizer:

@@ -3,6 +3,7 @@ streaming decode, training a tiny model with Mixtral's layout, and the CLI."""
 
 import io
 import random
+import re
 import sys
 
 import numpy as np
@@ -241,6 +242,27 @@ def test_train_rejects_bad_input(tmp_path, corpus):
         tokenizer.train([corpus], 300, tmp_path / "x.model", max_sentences=0)
     with pytest.raises(UserError, match="Vocabulary size too high"):
         tokenizer.train([corpus], 5000, tmp_path / "x.model")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text\nmore \xff\xfe\n")
+    with pytest.raises(UserError, match=r"binary.txt:2: not valid UTF-8 \(byte 0xff\)"):
+        tokenizer.train([corpus, binary], 300, tmp_path / "x.model")
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_train_reads_characters_cut_by_the_read_chunks(tmp_path):
+    from mixtral_jax.documents import decode_utf8
+
+    path = tmp_path / "multibyte.txt"
+    data = ("Köln 漢字\n🦜 é\n" * 50).encode()
+    for chunk_bytes in (1, 2, 3, 5, 4096):  # reads that end inside 2-, 3- and 4-byte characters
+        path.write_bytes(data)
+        assert tokenizer._holds_text(path, chunk_bytes)
+        for at in range(700, 704):  # a stray continuation byte, between and inside characters
+            path.write_bytes(data[:at] + b"\x80" + data[at:])
+            with pytest.raises(UserError) as whole:  # the file decoded in one piece
+                decode_utf8(path.read_bytes(), path)
+            with pytest.raises(UserError, match=re.escape(str(whole.value))):
+                tokenizer._holds_text(path, chunk_bytes)
 
 
 def test_cli(tmp_path, corpus, capsys):
