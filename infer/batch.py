@@ -19,7 +19,9 @@ Nothing is lost: error records are written first, then the records of the
 rows that finish, in one write each time some do, flushed and fsynced. A job
 restarted with the same command reads the output, drops a torn last line, and
 skips the lines already there, so a killed job finishes with every line
-exactly once.
+exactly once. Lines are matched by number: with `retry_errors`, a rerun takes
+the error records out of the output and runs their lines again (fixed in
+the input, say), leaving the other records as they were.
 
 Throughput: rows are sorted by prompt length and run through a batch of
 `batch_size` rows in which a row that finishes takes the next
@@ -73,29 +75,46 @@ def part_path(output: str | os.PathLike, process_index: int, process_count: int)
 RECORD_START = b'{"id": '  # how every record this job writes begins (`_append`)
 
 
-def finished_lines(path: pathlib.Path) -> set[int]:
+def finished_lines(path: pathlib.Path, retry_errors: bool = False) -> set[int]:
     """Input lines already in the output (blank lines skipped). A torn last line (a killed
     write) is cut off the file, but only once every whole line has read as a record of this
-    job and the torn one begins like one: any other file is refused untouched."""
+    job and the torn one begins like one: any other file is refused untouched. With
+    `retry_errors`, error records are taken out of the file (rewritten whole, then renamed
+    over it), so their lines run again."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    lines = set()
+    records = []  # (line as written, its record) of every whole line
     for number, raw in enumerate(data[:keep].splitlines(), 1):
         if not raw.strip():
             continue
         try:
-            lines.add(int(json.loads(raw)["line"]))
+            record = json.loads(raw)
+            records.append((raw, record, int(record["line"])))
         except (ValueError, KeyError, TypeError, RecursionError):
             raise UserError(f"{path}:{number}: not a record of this job; use another --output") from None
     torn = data[keep:]
     if torn and not _cut_record(torn):
         raise UserError(f"{path}: its last line is not a record of this job; use another --output")
-    if torn:
+    if retry_errors and any("error" in record for _, record, _ in records):
+        records = [entry for entry in records if "error" not in entry[1]]
+        _replace(path, b"".join(raw + b"\n" for raw, _, _ in records))
+    elif torn:
         with path.open("r+b") as f:
             f.truncate(keep)
-    return lines
+    return {line for _, _, line in records}
+
+
+def _replace(path: pathlib.Path, data: bytes) -> None:
+    """Puts `data` in `path` through a durable temporary file and a rename: a kill leaves the
+    old contents or the new, never a mix."""
+    temporary = path.with_name(path.name + ".rewrite")
+    with temporary.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def _cut_record(tail: bytes) -> bool:
@@ -201,13 +220,15 @@ def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
 
 
 def run_job(generator: Generator, input_path, output_path, defaults, *, batch_size: int,
-            process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
-    """Runs (or finishes) a batch job; returns counts of what this run wrote."""
+            process_index: int = 0, process_count: int = 1, progress: bool = True,
+            retry_errors: bool = False) -> dict:
+    """Runs (or finishes) a batch job; returns counts of what this run wrote. retry_errors: run
+    again the lines whose records are errors (e.g. after fixing them in the input)."""
     from tqdm import tqdm
 
     out_path = part_path(output_path, process_index, process_count)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_lines(out_path)
+    done = finished_lines(out_path, retry_errors)
     rows = [r for r in read_rows(input_path, defaults, generator.tokenizer, generator)
             if (r.line - 1) % process_count == process_index and r.line not in done]
     errors = [r for r in rows if r.error is not None]

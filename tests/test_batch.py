@@ -144,6 +144,24 @@ def test_process_shards_cover_every_line_once(tmp_path, generator):
     assert {r["line"] % 2 for r in parts[1]} == {0}
 
 
+def test_retry_errors_reruns_only_the_failed_lines(tmp_path, generator):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "x" * 200}, {"id": "c", "prompt": "hi"}]
+    write_lines(source, rows)
+    run = lambda **kw: run_job(generator, source, out, SETTINGS, batch_size=2, progress=False, **kw)
+    assert (run()["completed"], "context" in read_records(out)[0]["error"]) == (2, True)
+    first = out.read_bytes()
+    rows[1]["prompt"] = "short now"  # the failed line fixed in place
+    write_lines(source, rows)
+    assert run()["completed"] == 0 and out.read_bytes() == first  # a plain rerun skips it
+    counts = run(retry_errors=True)
+    assert (counts["completed"], counts["errors"], counts["skipped"]) == (1, 0, 2)
+    records = {r["line"]: r for r in read_records(out)}
+    assert sorted(records) == [1, 2, 3] and "error" not in records[2] and records[2]["id"] == "b"
+    assert out.read_bytes().startswith(b"".join(line + b"\n" for line in first.splitlines()[1:]))  # kept as written
+    assert not list(tmp_path.glob("*.rewrite"))
+
+
 def test_torn_last_line_is_cut_and_redone(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": 1, "line": 1, "text": "x"}\n\n{"id": 2, "line": 2, "te')  # a blank line too

@@ -18,6 +18,8 @@ def add_arguments(parser):
     runtime.add_arguments(parser)
     parser.add_argument("--input", required=True, help="JSONL rows with id and prompt or messages")
     parser.add_argument("--output", required=True, help="JSONL results (appended; a rerun resumes)")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="run again the lines whose output records are errors (they leave --output)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -36,5 +38,5 @@ def run(args):
     generator = Generator(model, tokenizer, mesh=mesh)
     summary = run_job(generator, args.input, args.output, config, batch_size=config.batch_size,
                       process_index=jax.process_index(), process_count=jax.process_count(),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, retry_errors=args.retry_errors)
     print(json.dumps(summary))
