@@ -89,7 +89,9 @@ def test_bad_rows_become_error_records_and_the_job_goes_on(tmp_path, generator):
     assert records[1]["finish_reason"] in ("eos", "length") and records[1]["completion_tokens"] <= 6
     assert records[1]["prompt_tokens"] == 6  # bos + 5 bytes
     assert records[8]["completion_tokens"] <= 3
-    assert records[11]["finish_reason"] in ("eos", "length", "stop")
+    stopped = Request(generator.tokenizer.encode("stop early"), 6, stop=("\n", "q"))  # row 11, run alone
+    (alone,) = generator.run([stopped])
+    assert (records[11]["text"], records[11]["finish_reason"]) == (alone.text, alone.finish_reason)
     assert records[16]["completion_tokens"] <= 2
     assert (counts["completed"], counts["errors"]) == (4, 12)
 
@@ -191,7 +193,7 @@ def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):
                "max_new_tokens=4", "tokenizer=bytes", f"compile_cache={tmp_path / 'xla'}"]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # the job's start (imports, checkpoint, first compile) on a busy machine
     while time.time() < deadline and job.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 4:
             break

@@ -229,6 +229,7 @@ def test_expert_parallel_mesh_generates_the_same_tokens(model):
 def test_generate_command_streams_text(tmp_path, capsys):
     from mixtral_jax.checkpoint import save_params
     from mixtral_jax.cli import main
+    from mixtral_jax.tokenizer import ByteTokenizer
 
     config = mj.preset("tiny", vocab_size=259, tokenizer="bytes", moe_impl="reference")
     save_params(tmp_path / "run", mj.init(config, seed=0))
@@ -236,7 +237,10 @@ def test_generate_command_streams_text(tmp_path, capsys):
             "compile_cache="]
     assert main(args + ["max_new_tokens=5"]) == 0
     captured = capsys.readouterr()
-    assert "finish: " in captured.err and captured.out.endswith("\n")
+    (expected,) = generate(mj.init(config, seed=0), ["hi"], ByteTokenizer(), max_new_tokens=5)  # greedy
+    assert captured.out == expected.text + "\n"  # the streamed pieces add up to the whole text
+    assert f"[{len(expected.tokens)} tokens, " in captured.err
+    assert captured.err.rstrip().endswith(f"finish: {expected.finish_reason}]")
     assert main(args + ["temperature=-1"]) == 2
     assert main(args + ["max_new_tokens=lots"]) == 2
 
@@ -407,6 +411,37 @@ def test_bench_decode_reports_both_sides_and_the_bound():
     assert first["bound_ratio"] == pytest.approx(
         first["bandwidth_bound_tokens_per_s"] / first["jax"]["decode_tokens_per_s"], rel=0.02)
     assert "bound_ratio" not in report["results"][1]
+
+
+def test_chat_answers_each_turn_with_the_whole_conversation(tmp_path, capsys, monkeypatch):
+    import io
+
+    from mixtral_jax.checkpoint import save_params
+    from mixtral_jax.cli import main
+    from mixtral_jax.tokenizer import Tokenizer
+
+    config = mj.preset("tiny", vocab_size=32000, moe_impl="reference", initializer_range=0.2)
+    model = mj.init(config, seed=0)
+    save_params(tmp_path / "run", model)
+    turns = ["hi", "and then?", "/reset", "hello"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--chat", "--system", "be brief",
+                 "max_new_tokens=4", "compile_cache="]) == 0
+    out = capsys.readouterr().out
+    # the replies the API gives the conversation as the command keeps it
+    system = [{"role": "system", "content": "be brief"}]
+    messages, expected = list(system), ""
+    for turn in turns:
+        expected += "> "  # input()'s prompt
+        if turn == "/reset":
+            messages = list(system)
+            continue
+        messages.append({"role": "user", "content": turn})
+        (reply,) = generate(model, [messages], Tokenizer(), max_new_tokens=4)
+        expected += reply.text + "\n"
+        if reply.text.strip():
+            messages.append({"role": "assistant", "content": reply.text})
+    assert out == expected + "> "  # the last prompt reads the end of the input
 
 
 def test_chat_outliving_the_context_says_so_and_goes_on(tmp_path, capsys, monkeypatch):

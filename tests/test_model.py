@@ -49,8 +49,8 @@ def test_paper_parameter_counts():
     assert c7.num_params == 46_702_792_704
     assert c7.num_active_params == 12_879_925_248
     c22 = preset("mixtral-8x22b")
-    assert round(c22.num_params / 1e9) == 141
-    assert round(c22.num_active_params / 1e9) == 39
+    assert c22.num_params == 140_630_071_296  # the paper's 141B, counted by hand from config.json
+    assert c22.num_active_params == 39_161_468_928  # 39B
     assert c7.router_aux_loss_coef == 0.02 and c22.router_aux_loss_coef == 0.001
 
 
@@ -137,24 +137,33 @@ def test_left_padding_leaves_real_tokens_unchanged(tiny_model):
 def test_bfloat16_compute_with_float32_params():
     model = init(preset("tiny", dtype="bfloat16"), seed=0)
     assert model.layers.moe.w_up.dtype == jnp.float32
-    logits = model(jnp.ones((1, 5), jnp.int32))
+    tokens = jnp.ones((1, 5), jnp.int32)
+    logits = model(tokens)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
-    reference = init(preset("tiny"), seed=0)(jnp.ones((1, 5), jnp.int32))
-    np.testing.assert_allclose(logits, reference, atol=0.05)
+    reference = init(preset("tiny"), seed=0)(tokens)
+    difference = float(jnp.max(jnp.abs(logits - reference)))
+    assert 0 < difference < 0.02  # bfloat16's rounding (~0.4% of the logits' spread), not none
+    operands = [dot.invars[0].aval.dtype for dot in _dots(jax.make_jaxpr(model)(tokens).jaxpr)]
+    assert operands.count(jnp.bfloat16) > operands.count(jnp.float32)  # the router stays float32
 
 
-def _dot_precisions(jaxpr) -> list:
-    """The precision of every matmul (dot_general, ragged_dot...) in a jaxpr and its sub-jaxprs."""
+def _dots(jaxpr) -> list:
+    """Every matmul equation (dot_general, ragged_dot...) in a jaxpr and its sub-jaxprs."""
     found = []
     for eqn in jaxpr.eqns:
         if "dot" in eqn.primitive.name:
-            found.append(eqn.params["precision"])
+            found.append(eqn)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    found += _dot_precisions(inner)
+                    found += _dots(inner)
     return found
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every matmul in a jaxpr and its sub-jaxprs."""
+    return [eqn.params["precision"] for eqn in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize("moe_impl", ["reference", "grouped", "ragged"])

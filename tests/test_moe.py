@@ -58,8 +58,8 @@ BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
 @functools.cache
 def _value_and_grads(impl, blocks=None):
     """jit(value_and_grad) of a loss reaching x, the routing weights and every expert weight."""
-    experts_fn = (moe.reference_experts if impl == "reference" else moe.sorted_experts(
-        functools.partial(grouped_ffn, block_rows=blocks[0], tail_rows=blocks[1])))
+    experts_fn = moe.experts_fn_for(impl) if blocks is None else moe.sorted_experts(
+        functools.partial(grouped_ffn, block_rows=blocks[0], tail_rows=blocks[1]))
 
     def loss(x, weights, w_gate, w_up, w_down, expert_idx):
         y, _ = experts_fn(x, expert_idx, weights, w_gate, w_up, w_down)
@@ -74,6 +74,18 @@ def test_grouped_equals_reference_values_and_gradients(routing, blocks):
     expert_idx, args = _inputs()
     expert_idx = ROUTINGS[routing](expert_idx)
     value, grads = _value_and_grads("grouped", BLOCKS[blocks])(*args, expert_idx)
+    ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        assert_close(grad, ref, 1e-5, name)
+
+
+@pytest.mark.parametrize("routing", ["random", "empty-groups", "all-to-last"])
+def test_ragged_equals_reference_values_and_gradients(routing):
+    """The path `auto` takes on GPU and TPU (`jax.lax.ragged_dot`), checked on CPU."""
+    expert_idx, args = _inputs(3)
+    expert_idx = ROUTINGS[routing](expert_idx)
+    value, grads = _value_and_grads("ragged")(*args, expert_idx)
     ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
@@ -172,6 +184,29 @@ def test_load_balancing_loss_grows_when_one_expert_takes_everything(style):
     _, expert_idx = moe.route(logits, 2)
     stats = jax.tree.map(lambda a: a[None], moe.router_stats(logits, expert_idx, jnp.ones(16), 0.0))
     assert moe.load_balancing_loss(stats, style) > 2 * 2
+
+
+def test_router_losses_equal_their_formulas_over_the_counted_tokens():
+    layers, tokens, top_k = 2, 12, 2
+    logits = np.random.default_rng(4).standard_normal((layers, tokens, E)) * 2
+    mask = np.ones(tokens)
+    mask[[2, 7, 8]] = 0  # padding: in no statistic
+    stats = [moe.router_stats(jnp.asarray(l, jnp.float32), moe.route(jnp.asarray(l, jnp.float32), top_k)[1],
+                              jnp.asarray(mask), 0.0) for l in logits]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    counted = logits[:, mask == 1]  # [L, 9, E]
+    lse = np.log(np.exp(counted).sum(-1))
+    probs = np.exp(counted - lse[..., None])
+    chosen = np.argsort(-probs, axis=-1)[..., :top_k]  # [L, 9, k]
+    # [L, E]: (token, slot) pairs per expert over the tokens, summing to k as in transformers' loss
+    per_token = np.stack([np.bincount(c.ravel(), minlength=E) / len(c) for c in chosen])
+    switch = E * np.sum(per_token * probs.mean(1), axis=-1)  # [L]: each layer's Switch loss
+    z_loss = np.mean(lse ** 2)
+    np.testing.assert_allclose(moe.load_balancing_loss(stacked, "per_layer"), switch.mean(), rtol=1e-5)
+    np.testing.assert_allclose(moe.router_z_loss(stacked), z_loss, rtol=1e-5)
+    model = mixtral_jax.init(mixtral_jax.preset("tiny", router_aux_loss_coef=0.02, router_z_loss_coef=0.001,
+                                                aux_loss_style="per_layer"), seed=0)
+    np.testing.assert_allclose(model.aux_loss(stacked), 0.02 * switch.mean() + 0.001 * z_loss, rtol=1e-5)
 
 
 # ---- the benchmarks' JSON (tiny sizes: keys and sanity only, no speed) --------------------------

@@ -80,18 +80,23 @@ def test_killed_and_preempted_run_resumes_exactly(tmp_path, reference):
     assert killed_at < stopped_at < 40 and saved_steps(run_dir)[-1] == stopped_at
 
     assert train(load_run_config("tiny", [f"run_dir={run_dir}", *RUN]))["step"] == 40  # to the end, here
+    assert saved_steps(run_dir) == saved_steps(reference) == [35, 40]  # checkpoint.keep=2 of every 5
     resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
     assert resumed == expected  # every step once, each loss bit for bit
 
 
 def test_init_from_a_run_starts_from_its_parameters_and_optimizer(tmp_path, reference):
-    run = load_run_config("tiny", [f"run_dir={tmp_path / 'continued'}", f"init_from={reference}",
-                                   "train.reset_optimizer=false", *RUN])
-    assert run.model_config == load_run_config("tiny", RUN).model_config
-    train(run)
+    losses = {}
+    for reset in ("false", "true"):
+        run = load_run_config("tiny", [f"run_dir={tmp_path / reset}", f"init_from={reference}",
+                                       f"train.reset_optimizer={reset}", *RUN, "train.steps=3"])
+        assert run.model_config == load_run_config("tiny", RUN).model_config
+        train(run)
+        losses[reset] = [r["loss"] for r in read_metrics(tmp_path / reset / "metrics.jsonl")]
     first_losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")][:3]
-    continued = [r["loss"] for r in read_metrics(tmp_path / "continued" / "metrics.jsonl")][:3]
-    assert max(continued) < min(first_losses) - 0.5  # the same batches, on trained weights
+    assert max(losses["false"]) < min(first_losses) - 0.5  # the same batches, on trained weights
+    assert losses["false"][0] == losses["true"][0]  # the same weights before the first update...
+    assert losses["false"][1] != losses["true"][1]  # ...which uses the run's Adam moments, or fresh ones
 
 
 def test_init_from_a_checkpoint_of_another_shape_is_one_line(tmp_path, reference):
