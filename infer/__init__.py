@@ -6,7 +6,8 @@
 Modules: `sampling` (strategies), `decode` (the prefill and while_loop decode
 programs), `generate` (prompts -> completions, bucketing, stop strings,
 streaming), `batch` (resumable JSONL jobs), `evaluate` (perplexity),
-`runtime` (CLI settings, compilation cache, model loading), `bench`.
+`runtime` (CLI settings, compilation cache, model loading), `bench` (decode),
+`batch_bench` (continuous batching against batch by batch).
 """
 
 from mixtral_jax.infer.generate import Completion, Generator, Request, generate

@@ -126,8 +126,9 @@ def _cut_record(tail: bytes) -> bool:
     return isinstance(whole, dict) and "line" in whole
 
 
-def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator) -> Iterator[Row]:
-    """Every non-blank input line as a `Row` (duplicate ids become errors)."""
+def read_rows(path: str | os.PathLike, defaults, generator: Generator) -> Iterator[Row]:
+    """Every non-blank input line as a `Row` (duplicate ids become errors), encoded with the
+    generator's tokenizer and checked by its rules."""
     first_line: dict[str, int] = {}
     try:
         f = open(pathlib.Path(path).expanduser(), "rb")
@@ -137,7 +138,7 @@ def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            row = _parse(raw, number, defaults, tokenizer, generator)
+            row = _parse(raw, number, defaults, generator)
             if row.id is not None:
                 key = json.dumps(row.id)
                 if key in first_line:
@@ -147,7 +148,7 @@ def read_rows(path: str | os.PathLike, defaults, tokenizer, generator: Generator
             yield row
 
 
-def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -> Row:
+def _parse(raw: bytes, number: int, defaults, generator: Generator) -> Row:
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
@@ -168,7 +169,7 @@ def _parse(raw: bytes, number: int, defaults, tokenizer, generator: Generator) -
     if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
         return Row(number, None, error=f"id must be a string or an integer, got {row_id!r}")
     try:
-        return Row(number, row_id, request=_request(obj, defaults, tokenizer, generator))
+        return Row(number, row_id, request=_request(obj, defaults, generator))
     except UserError as err:
         return Row(number, row_id, error=str(err))
 
@@ -191,8 +192,9 @@ def _check_spelling(obj: dict) -> None:
             raise UserError(f"unknown key {key!r} (did you mean {near[0]!r}?)")
 
 
-def _request(obj: dict, defaults, tokenizer, generator: Generator) -> Request:
+def _request(obj: dict, defaults, generator: Generator) -> Request:
     _check_spelling(obj)
+    tokenizer = generator.tokenizer
     if ("prompt" in obj) == ("messages" in obj):
         raise UserError("a row needs exactly one of 'prompt' or 'messages'")
     if "prompt" in obj:
@@ -229,7 +231,7 @@ def run_job(generator: Generator, input_path, output_path, defaults, *, batch_si
     out_path = part_path(output_path, process_index, process_count)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = finished_lines(out_path, retry_errors)
-    rows = [r for r in read_rows(input_path, defaults, generator.tokenizer, generator)
+    rows = [r for r in read_rows(input_path, defaults, generator)
             if (r.line - 1) % process_count == process_index and r.line not in done]
     errors = [r for r in rows if r.error is not None]
     pending = sorted((r for r in rows if r.error is None), key=lambda r: len(r.request.prompt))

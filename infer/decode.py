@@ -30,7 +30,7 @@ class Rows(NamedTuple):
 
     max_new: jax.Array  # [B] int32: new tokens allowed (0 for a padding row)
     keys: jax.Array  # [B] PRNG keys; the t-th new token of a row uses fold_in(key, t)
-    eos_ids: jax.Array  # [E] int32: tokens that end a row
+    eos_ids: jax.Array  # [n] int32: the tokens that end a row
 
 
 class DecodeState(NamedTuple):
@@ -58,8 +58,8 @@ def splits_weights(config) -> bool:
     return jax.default_backend() == "cpu" and resolve_impl(config.moe_impl) == "grouped"
 
 
-def inference_experts_fn(config, rows: int, experts_fn=None, split: bool = False):
-    """The expert path of a prefill / decode program over `rows` tokens at a time.
+def inference_experts_fn(config, num_rows: int, experts_fn=None, split: bool = False):
+    """The expert path of a prefill / decode program over `num_rows` tokens at a time.
 
     `experts_fn` when given (e.g. the expert-parallel one; it reads the model's
     weight layout, so not with `split_layers`' weights). Else on CPU (moe_impl
@@ -80,7 +80,7 @@ def inference_experts_fn(config, rows: int, experts_fn=None, split: bool = False
         return experts_fn
     if impl != "grouped":
         return experts_fn_for(impl)
-    pairs, experts = rows * config.num_experts_per_tok, config.num_local_experts
+    pairs, experts = num_rows * config.num_experts_per_tok, config.num_local_experts
     mean = -(-pairs // experts)  # rows per expert, rounded up
     block_rows = mean if mean >= 8 else -(-2 * pairs // experts)
     block = min(256, 1 << (block_rows - 1).bit_length())
@@ -194,12 +194,12 @@ def empty_state(config, batch: int, cache_slots: int, buffer: int) -> DecodeStat
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert(state: DecodeState, new: DecodeState, rows) -> DecodeState:
-    """`state` with its rows `rows` [n] int32 replaced by the n rows of `new` (a prefill of the
+def insert(state: DecodeState, new: DecodeState, row_indices) -> DecodeState:
+    """`state` with its rows `row_indices` [n] int32 replaced by the n rows of `new` (a prefill of the
     same cache and buffer sizes); a row index out of range drops that row of `new`. The loop
     counter stays `state`'s: each row's tokens, length and position are its own."""
-    put = lambda old, fresh: old.at[rows].set(fresh, mode="drop")  # batch-major
-    put_cache = lambda old, fresh: old.at[:, rows].set(fresh, mode="drop")  # [L, B, ...]
+    put = lambda old, fresh: old.at[row_indices].set(fresh, mode="drop")  # batch-major
+    put_cache = lambda old, fresh: old.at[:, row_indices].set(fresh, mode="drop")  # [L, B, ...]
     fields = ("tokens", "length", "done", "hit_eos", "position")
     return state._replace(**{name: put(getattr(state, name), getattr(new, name)) for name in fields},
                           cache=KVCache(*map(put_cache, state.cache, new.cache)))

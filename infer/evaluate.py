@@ -24,7 +24,8 @@ from flax import nnx
 
 from mixtral_jax.configtools import UserError
 from mixtral_jax.documents import file_format, holds_text, read_texts
-from mixtral_jax.infer.generate import bucket
+from mixtral_jax.infer.generate import MIN_PROMPT_BUCKET, batch_rows, bucket
+from mixtral_jax.model import token_nll
 
 
 def read_documents(path: str | pathlib.Path, text_field: str = "text") -> list[str]:
@@ -59,9 +60,7 @@ def _window_nll(graphdef, params, tokens, lengths, experts_fn=None):
     predicted = steps < (lengths[:, None] - 1)  # [B, T]: real target positions
     positions = jnp.where(predicted, steps, -1)
     logits = model.forward(inputs, positions, experts_fn=experts_fn).logits  # [B, T, V]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(predicted, nll, 0.0), axis=-1)
+    return jnp.sum(jnp.where(predicted, token_nll(logits, targets), 0.0), axis=-1)
 
 
 def score(model, documents: list[list[int]], *, seq_len: int, batch_size: int, mesh=None,
@@ -85,9 +84,8 @@ def score(model, documents: list[list[int]], *, seq_len: int, batch_size: int, m
     with scope:
         for first in tqdm(range(0, len(pieces), batch_size), unit="batch", disable=not progress):
             batch = pieces[first:first + batch_size]
-            rows = bucket(len(batch), 1)
-            rows += -rows % multiple
-            width = min(bucket(max(len(w) for _, w in batch) - 1, 16), seq_len) + 1
+            rows = batch_rows(len(batch), multiple)
+            width = min(bucket(max(len(w) for _, w in batch) - 1, MIN_PROMPT_BUCKET), seq_len) + 1
             tokens = np.zeros((rows, width), np.int32)
             lengths = np.zeros((rows,), np.int32)
             for row, (_, w) in enumerate(batch):

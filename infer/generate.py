@@ -73,6 +73,13 @@ def bucket(n: int, minimum: int) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def batch_rows(count: int, multiple: int) -> int:
+    """Rows of a batch of `count` items: a power of two, rounded up to a multiple of `multiple`
+    (the mesh's batch devices), so a long job compiles few batch shapes."""
+    size = bucket(count, 1)
+    return size + -size % multiple
+
+
 def prompt_ids(prompt, tokenizer) -> list[int]:
     """Token ids of a prompt: a string, a conversation (list of role/content dicts) or ids."""
     if isinstance(prompt, str):
@@ -221,7 +228,7 @@ class Generator:
 
     def prepare(self, requests: Sequence[Request]) -> Batch:
         """The padded device inputs of a batch of requests (sizes bucketed)."""
-        size = self._batch_rows(len(requests))
+        size = batch_rows(len(requests), self.batch_multiple)
         tokens, positions = _left_padded([r.prompt for r in requests], size)
         rows, sampler = self._row_settings(requests, size)
         return Batch(tokens, positions, rows, sampler, self._buffer(requests))
@@ -251,7 +258,7 @@ class Generator:
         buffer = self._buffer(requests)
         prompt_len = bucket(max(len(r.prompt) for r in requests), MIN_PROMPT_BUCKET)
         slots = programs.cache_size(self.config, prompt_len, buffer)
-        size = self._batch_rows(min(rows, len(requests)))
+        size = batch_rows(min(rows, len(requests)), self.batch_multiple)
         state = programs.empty_state(self.config, size, slots, buffer)
         owner = [vacant] * size  # the request each row runs
         streams = _Streams(self.tokenizer, [None] * size, None, active=any(r.stop for r in requests))
@@ -282,18 +289,13 @@ class Generator:
 
     def _start(self, state, taken, requests, select, vacant: int, slots: int, buffer: int):
         """`state` with the requests `taken` [(row, index into requests)] prefilled into their rows."""
-        size = self._batch_rows(len(taken))
+        size = batch_rows(len(taken), self.batch_multiple)
         tokens, positions = _left_padded([requests[index].prompt for _, index in taken], size)
         rows, sampler = select([index for _, index in taken] + [vacant] * (size - len(taken)))
         new = self.prefill(Batch(tokens, positions, rows, sampler, buffer), cache_slots=slots)
         target = [row for row, _ in taken] + [state.done.shape[0]] * (size - len(taken))  # out of range: dropped
         with self._mesh_context():
             return programs.insert(state, new, jnp.asarray(target, jnp.int32))
-
-    def _batch_rows(self, count: int) -> int:
-        """Rows of a batch of `count` requests: a power of two, a multiple of the mesh's batch devices."""
-        size = bucket(count, 1)
-        return size + -size % self.batch_multiple
 
     def _max_new(self, request: Request) -> int:
         return min(request.max_new_tokens, self.config.max_position_embeddings - len(request.prompt))

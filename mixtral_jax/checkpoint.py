@@ -37,6 +37,16 @@ def param_tree(model: nnx.Module) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def abstract_arrays(tree, shardings=None):
+    """ShapeDtypeStructs of `tree`'s arrays (concrete or abstract), placed by `shardings` (a
+    matching tree) or else where each array is: what to restore, or to compile for, without
+    memory."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def _latest_step(checkpoints: pathlib.Path) -> pathlib.Path:
     steps = sorted((p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()),
                    key=lambda p: int(p.name))
@@ -89,15 +99,15 @@ def write_run_config(run_dir: str | pathlib.Path, run_config: dict[str, Any]) ->
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=False))
 
 
-def save_params(run_dir: str | pathlib.Path, model: nnx.Module, step: int = 0,
-                extra_config: dict[str, Any] | None = None) -> pathlib.Path:
-    """Writes a params-only checkpoint (e.g. a converted model) as a run directory; returns the step dir."""
+def save_params(run_dir: str | pathlib.Path, model: nnx.Module) -> pathlib.Path:
+    """Writes `model` (built or changed in Python) as a params-only run directory that
+    `generate`, `batch`, `eval` and `init_from` read; returns its step folder (step 0)."""
     run_dir = pathlib.Path(run_dir).absolute()
-    write_run_config(run_dir, {"model": model.config, **(extra_config or {})})
+    write_run_config(run_dir, {"model": model.config})
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(run_dir / CHECKPOINTS, options=options) as manager:
-        manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(param_tree(model))}))
-    return run_dir / CHECKPOINTS / str(step)
+        manager.save(0, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(param_tree(model))}))
+    return run_dir / CHECKPOINTS / "0"
 
 
 def param_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -152,8 +162,7 @@ def restore_params(path: str | pathlib.Path, model: nnx.Module) -> nnx.Module:
     """
     _, step_dir = resolve(path)
     state = nnx.state(model, nnx.Param)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                          nnx.to_pure_dict(state))
+    target = abstract_arrays(nnx.to_pure_dict(state))
     _check_shapes(step_dir, target)  # before reading: a failed read leaves tracebacks at exit
     with _readable(step_dir):
         restored = ocp.StandardCheckpointer().restore((step_dir / PARAMS).absolute(), target)

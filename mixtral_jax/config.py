@@ -2,8 +2,10 @@
 the mapping to and from Hugging Face's `config.json`.
 
 Field names follow Hugging Face's MixtralConfig so that a config.json reads
-without translation; the few fields it lacks (dtypes, the MoE compute path,
-capacity, the aux-loss form) are ours and are dropped by `to_hf_config`.
+without translation; the fields it lacks (`_OURS`: compute dtype, the MoE
+compute path and capacity, the aux-loss form, the z-loss, remat, matmul
+precision, the tokenizer) are ours and are dropped by `to_hf_config`, which
+writes param_dtype as `torch_dtype`.
 """
 
 from __future__ import annotations

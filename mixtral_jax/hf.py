@@ -98,10 +98,10 @@ def hf_tensors(config: MixtralConfig) -> list[HFTensor]:
         tensors += [HFTensor(p + name, shape, ("layers", *leaf), (layer,), fn)
                     for name, shape, leaf, fn in per_layer]
         for expert in range(e):
-            q = f"{p}block_sparse_moe.experts.{expert}."
-            tensors += [HFTensor(q + "w1.weight", (f, d), ("layers", "moe", "w_gate"), (layer, expert), transpose),
-                        HFTensor(q + "w2.weight", (d, f), ("layers", "moe", "w_down"), (layer, expert), transpose),
-                        HFTensor(q + "w3.weight", (f, d), ("layers", "moe", "w_up"), (layer, expert), transpose)]
+            ex = f"{p}block_sparse_moe.experts.{expert}."
+            tensors += [HFTensor(ex + "w1.weight", (f, d), ("layers", "moe", "w_gate"), (layer, expert), transpose),
+                        HFTensor(ex + "w2.weight", (d, f), ("layers", "moe", "w_down"), (layer, expert), transpose),
+                        HFTensor(ex + "w3.weight", (f, d), ("layers", "moe", "w_up"), (layer, expert), transpose)]
     tensors += [HFTensor("model.norm.weight", (d,), ("norm", "weight"), (), same),
                 HFTensor("lm_head.weight", (v, d), ("lm_head",), (), transpose)]
     return tensors

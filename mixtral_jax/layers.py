@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 from flax.core import spmd
 
@@ -139,12 +140,12 @@ class KVCache(NamedTuple):
 
 def _keys_layout(k):
     """Keys [B, T, K, H] in the cache's layout [B, K, H, T]."""
-    return jnp.moveaxis(k, 1, -1)
+    return rearrange(k, "b t k h -> b k h t")
 
 
 def _values_layout(v):
     """Values [B, T, K, H] in the cache's layout [B, K, T, H]."""
-    return jnp.moveaxis(v, 1, 2)
+    return rearrange(v, "b t k h -> b k t h")
 
 
 def _skinny_rows() -> tuple[int, int]:
@@ -244,9 +245,9 @@ class Attention(nnx.Module):
         self.v = param(rngs, (embed, num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), param_dtype, init_std)
         self.o = param(rngs, (num_heads, head_dim, embed), (HEADS, HEAD_DIM, EMBED), param_dtype, init_std)
 
-    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=0):
+    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer_index=0):
         """x: [B, T, D], positions: [B, T] -> ([B, T, D], the cache with these tokens added as
-        layer `layer`'s)."""
+        layer `layer_index`'s)."""
         x = x.astype(self.dtype)
         q = matmul(x, self.q[...].astype(self.dtype))  # [B, T, N, H]
         k = matmul(x, self.k[...].astype(self.dtype))  # [B, T, K, H]
@@ -260,26 +261,26 @@ class Attention(nnx.Module):
             if k.shape[1] > 1 and self.sliding_window is not None:
                 # a chunk written first into a rolling cache could overwrite slots its own earlier
                 # queries still see: attend to the old contents and the new tokens instead
-                old = cache.layer(layer)
+                old = cache.layer(layer_index)
                 keys = jnp.concatenate([old.k.astype(k.dtype), _keys_layout(k)], axis=-1)
                 values = jnp.concatenate([old.v.astype(v.dtype), _values_layout(v)], axis=-2)
                 key_pos = jnp.concatenate([old.pos, positions], axis=1)
-                cache = cache.write(layer, k, v, positions)
+                cache = cache.write(layer_index, k, v, positions)
             else:  # store the new tokens, then attend to the layer's cache alone
-                cache = cache.write(layer, k, v, positions)
-                keys, values, key_pos = cache.layer(layer)
+                cache = cache.write(layer_index, k, v, positions)
+                keys, values, key_pos = cache.layer(layer_index)
                 keys, values = keys.astype(k.dtype), values.astype(v.dtype)
             mask = attention_mask(positions, key_pos, self.sliding_window)
 
-        b, t, n, h = q.shape
-        q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
+        h = q.shape[-1]
+        q = rearrange(q, "b t (k g) h -> b t k g h", g=self.num_groups)
         # keys: [B, K, H, S], values: [B, K, S, H]. The cache's operand goes first, here and in
         # the weighted sum: XLA:CPU then reads it as stored
         scores = jnp.einsum("bkhs,btkgh->bkgts", keys, q).astype(jnp.float32) * h ** -0.5
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bksh,bkgts->btkgh", values, probs).reshape(b, t, n * h)
+        out = rearrange(jnp.einsum("bksh,bkgts->btkgh", values, probs), "b t k g h -> b t (k g h)")
         # one contracted dim, not (n, h): with two, XLA:CPU may order them (h, n) to suit the
         # attention output's layout and then copies the whole weight to match, every decode step
-        o = self.o[...].astype(self.dtype)
-        return matmul(out, o.reshape(n * h, o.shape[-1])), cache
+        o = rearrange(self.o[...].astype(self.dtype), "n h d -> (n h) d")
+        return matmul(out, o), cache

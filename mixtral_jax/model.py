@@ -62,6 +62,8 @@ class DecoderLayer(nnx.Module):
                        init_std=c.initializer_range, dtype=jnp.dtype(c.dtype), **dtypes)
 
     def __call__(self, x, positions, segment_ids, token_mask, cache, index, experts_fn):
+        """x [B, T, D] -> (x [B, T, D], this layer's MoEAux, the cache with layer `index`'s
+        keys and values added). positions, segment_ids, token_mask: [B, T]."""
         attn_out, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, index)
         x = x + attn_out.astype(x.dtype)
         moe_out, aux = self.moe(self.moe_norm(x), experts_fn, token_mask)
@@ -161,10 +163,18 @@ class Mixtral(nnx.Module):
         return loss
 
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
-        """An empty cache of `size` slots per row for every layer: [L, B, K, H, S]."""
+        """An empty cache of `size` slots per row for every layer (`KVCache`: keys [L, B, K, H, S],
+        values [L, B, K, S, H])."""
         c = self.config
         return KVCache.empty(c.num_hidden_layers, batch, size, c.num_key_value_heads, c.head_size,
                              dtype or jnp.dtype(c.dtype))
+
+
+def token_nll(logits, targets):
+    """Negative log-likelihood of each target: logits [B, T, V] float32, targets [B, T] -> [B, T]."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def init(config: MixtralConfig | str, seed: int = 0) -> Mixtral:

@@ -28,8 +28,7 @@ def abstract_model(config: MixtralConfig, mesh: Mesh) -> Mixtral:
     """The model with every parameter a ShapeDtypeStruct carrying its sharding on `mesh` (no memory)."""
     model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, param_shardings(state, mesh))
+    state = checkpoint.abstract_arrays(state, param_shardings(state, mesh))
     return nnx.merge(graphdef, state)
 
 

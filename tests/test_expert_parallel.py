@@ -17,7 +17,7 @@ from flax import nnx
 import mixtral_jax
 from mixtral_jax import moe, sharding
 from mixtral_jax.sharding import MeshConfig
-from mixtral_jax.train.loss import token_nll
+from mixtral_jax.model import token_nll
 
 CONFIG = mixtral_jax.preset("tiny")  # 8 experts, top-2, 4 heads, 2 kv heads
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # numbers are compared here, not speed

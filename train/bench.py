@@ -11,8 +11,9 @@ given the same malloc setting as ours (`torch_malloc_tuned_*`): sharing this
 process, it used to get that setting without asking, which made its steps
 1.4-1.6x faster on a Zen 4 machine. The three alternate in blocks of steps, so a
 load change on a shared machine hits all of them; step times are medians.
-MFU counts the model's training FLOPs (active experts only) against the fp32
-matmul rate JAX reaches on this machine, measured in the same run.
+MFU counts the model's training FLOPs (active experts only) against the
+matmul rate JAX reaches on this machine at the model's compute dtype and
+matmul precision (fp32 for the bench configs), measured in the same run.
 `peak_rss_mb` is this process's peak resident memory once the JAX steps
 have run.
 """
@@ -48,7 +49,7 @@ def add_arguments(parser):
                         help="timed steps of each transformers process (default: train.steps; 0 skips them)")
     parser.add_argument("--blocks", type=int, default=3,
                         help="JAX and the transformers processes alternate in this many blocks of steps")
-    parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n fp32 matmul rate")
+    parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n matmul rate MFU is measured against")
 
 
 def run(args) -> dict:

@@ -25,11 +25,6 @@ from mixtral_jax.train.step import TrainState
 OPT_STATE, TRAIN_STATE = "opt_state", "train_state"
 
 
-def _abstract(tree):
-    """ShapeDtypeStructs (with shardings) that tell Orbax what to restore and where."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 class Checkpointer:
     """Saves and restores TrainState + data position in `run_dir/checkpoints`."""
 
@@ -57,8 +52,8 @@ class Checkpointer:
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
         """(state, data iterator state) of `step`, placed like `like` (arrays or abstract)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            checkpoint.PARAMS: ocp.args.StandardRestore(_abstract(like.params)),
-            OPT_STATE: ocp.args.StandardRestore(_abstract(like.opt_state)),
+            checkpoint.PARAMS: ocp.args.StandardRestore(checkpoint.abstract_arrays(like.params)),
+            OPT_STATE: ocp.args.StandardRestore(checkpoint.abstract_arrays(like.opt_state)),
             TRAIN_STATE: ocp.args.JsonRestore(),
         }))
         meta = restored[TRAIN_STATE]
@@ -66,10 +61,6 @@ class Checkpointer:
         state = TrainState(place(meta["step"], like.step), restored[checkpoint.PARAMS],
                            restored[OPT_STATE], place(meta["rng"], like.rng))
         return state, meta["data"]
-
-    def wait(self) -> None:
-        """Blocks until a background save has finished (raises if it failed)."""
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
@@ -84,6 +75,6 @@ def restore_opt_state(path, like):
         raise UserError(f"{step_dir} holds no optimizer state (a converted model?); "
                         f"set train.reset_optimizer=true")
     try:
-        return ocp.StandardCheckpointer().restore((step_dir / OPT_STATE).absolute(), _abstract(like))
+        return ocp.StandardCheckpointer().restore((step_dir / OPT_STATE).absolute(), checkpoint.abstract_arrays(like))
     except (ValueError, KeyError) as err:
         raise UserError(f"{step_dir}: optimizer state does not match this optimizer ({err})") from None

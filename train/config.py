@@ -80,7 +80,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in `run_dir/checkpoints`: every `every` steps, the last `keep` kept,
-    plus one at the end and one on SIGTERM."""
+    plus one at the end and one on SIGTERM or SIGINT."""
 
     every: int = 500
     keep: int = 3

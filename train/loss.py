@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax.model import token_nll
 from mixtral_jax.moe import MoEAux
 
 
@@ -19,13 +20,6 @@ class MicroStats(NamedTuple):
 
     nll_sum: jax.Array  # [] float32: sum of token losses where loss_mask is 1
     aux: MoEAux  # router statistics, stacked [L, ...]
-
-
-def token_nll(logits, targets):
-    """Negative log-likelihood of each target: logits [B, T, V] float32, targets [B, T] -> [B, T]."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def micro_batch_loss(model, batch: dict, num_loss_tokens, num_micro_batches: int, experts_fn=None,

@@ -31,7 +31,7 @@ from mixtral_jax.train.checkpointing import Checkpointer, restore_opt_state
 from mixtral_jax.train.config import RunConfig
 from mixtral_jax.train.data import make_loader
 from mixtral_jax.train.metrics import MetricsLogger
-from mixtral_jax.train.step import TrainState, init_state, make_optimizer, make_train_step, state_shardings
+from mixtral_jax.train.step import TrainState, abstract_train_state, init_state, make_optimizer, make_train_step
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the job stopped early, its checkpoint is saved
 
@@ -81,16 +81,11 @@ def _initial_state(run: RunConfig, mesh, optimizer, checkpointer: Checkpointer, 
     """(graphdef, state, state shardings, data iterator state or None): resumed from the run
     directory, started from `init_from`, or freshly initialised, always sharded on `mesh`."""
     config, train = run.model_config, run.train
-    graphdef, abstract_params = nnx.split(sharding.abstract_model(config, mesh))
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    shardings = state_shardings(jax.tree.map(lambda a: a.sharding, abstract_params), optimizer,
-                                abstract_params, mesh)
-    make_state = jax.jit(lambda params: init_state(params, optimizer, train.seed), out_shardings=shardings)
+    graphdef, _, abstract_state, shardings = abstract_train_state(config, mesh, optimizer, train.seed)
     if resume_step is not None:
-        abstract = jax.eval_shape(make_state, abstract_params)
-        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, data_state = checkpointer.restore(resume_step, like)
+        state, data_state = checkpointer.restore(resume_step, abstract_state)
         return graphdef, state, shardings, data_state
+    make_state = jax.jit(lambda params: init_state(params, optimizer, train.seed), out_shardings=shardings)
     if run.init_from is not None:
         model = checkpoint.restore_params(run.init_from, sharding.abstract_model(config, mesh))
     else:
@@ -102,14 +97,16 @@ def _initial_state(run: RunConfig, mesh, optimizer, checkpointer: Checkpointer, 
 
 
 def _peak_flops(run: RunConfig) -> float | None:
-    """FLOP/s of all devices together: train.peak_flops, else measured on CPU (a matmul), else None."""
+    """FLOP/s of all devices together: train.peak_flops, else measured on CPU (a matmul at the
+    model's compute dtype and precision, as `bench train` does), else None."""
     if run.train.peak_flops is not None:
         return run.train.peak_flops or None
     if jax.default_backend() != "cpu":
         return None
     from mixtral_jax.benchmarks.timing import matmul_flops_per_second
 
-    return matmul_flops_per_second(size=2048, repeats=3)
+    config = run.model_config
+    return matmul_flops_per_second(size=2048, dtype=config.dtype, repeats=3, precision=config.matmul_precision)
 
 
 @contextlib.contextmanager
@@ -182,7 +179,7 @@ def train(run: RunConfig) -> dict:
                 if _should_stop(stop, step - 1):
                     stopped_at = step - 1
                     break
-                batch = sharding.shard_batch(_prepare(next(loader), run.data.packing_mask), mesh)
+                batch = sharding.shard_batch(next(loader), mesh)
                 state, metrics = train_step(state, batch)
                 loop.dispatched(step, metrics)
                 if step % run.checkpoint.every == 0 or step == train_cfg.steps:
@@ -207,14 +204,6 @@ def train(run: RunConfig) -> dict:
         if train_cfg.sample_tokens and jax.process_count() == 1:
             summary["sample"] = _sample(nnx.merge(graphdef, state.params), tokenizer, train_cfg, mesh)
     return summary
-
-
-def _prepare(batch: dict, packing_mask: bool) -> dict:
-    """The loader's rows as the step takes them; without the packing mask, attention
-    crosses document boundaries (one segment per row, padding still 0)."""
-    if not packing_mask:
-        batch = {**batch, "segment_ids": (batch["segment_ids"] > 0).astype(np.int32)}
-    return batch
 
 
 def _sample(model, tokenizer, train_cfg, mesh) -> str:

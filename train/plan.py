@@ -17,11 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mixtral_jax.checkpoint import abstract_arrays
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding import experts_fn
 from mixtral_jax.sharding.mesh import batch_sharding, cache_sharding, check_divisible, use_mesh
 from mixtral_jax.sharding.params import abstract_model
-from mixtral_jax.train.step import init_state, make_optimizer, make_train_step, state_shardings
+from mixtral_jax.train.step import abstract_train_state, make_optimizer, make_train_step
 
 GIB = 2**30
 ACCELERATORS = {"tpu-v5e": 16 * GIB, "h100": 80 * GIB, "tpu-v5p": 95 * GIB}  # HBM per chip
@@ -31,10 +32,6 @@ def per_device_bytes(tree) -> int:
     """Bytes the fullest device holds of a tree of sharded abstract arrays."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
-
-
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def _compiled_figures(compiled, parts: dict[str, int]) -> dict:
@@ -52,10 +49,7 @@ def plan_training(config: MixtralConfig, mesh: Mesh, train_cfg) -> dict:
 
     check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
     optimizer = make_optimizer(train_cfg)
-    graphdef, params = nnx.split(abstract_model(config, mesh))
-    params = nnx.to_pure_dict(params)
-    shardings = state_shardings(jax.tree.map(lambda a: a.sharding, params), optimizer, params, mesh)
-    state = _with_shardings(jax.eval_shape(lambda p: init_state(p, optimizer, 0), params), shardings)
+    graphdef, _, state, shardings = abstract_train_state(config, mesh, optimizer)
     rows = batch_sharding(mesh)
     shape = (train_cfg.batch_size, train_cfg.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
@@ -77,7 +71,7 @@ def plan_decode(config: MixtralConfig, mesh: Mesh, batch_size: int, context: int
     check_divisible(mesh, config, batch_size=batch_size)
     graphdef, params = nnx.split(abstract_model(config, mesh))
     model = nnx.merge(graphdef, params)
-    cache = _with_shardings(jax.eval_shape(lambda: model.init_cache(batch_size, context)), cache_sharding(mesh))
+    cache = abstract_arrays(jax.eval_shape(lambda: model.init_cache(batch_size, context)), cache_sharding(mesh))
     tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=batch_sharding(mesh))
     ep = experts_fn(mesh, config)
 

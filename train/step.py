@@ -17,6 +17,8 @@ import optax
 from flax import nnx
 
 from mixtral_jax import moe
+from mixtral_jax.checkpoint import abstract_arrays
+from mixtral_jax.sharding.params import abstract_model
 from mixtral_jax.train.loss import micro_batch_loss
 from mixtral_jax.train.optim import learning_rate, make_optimizer
 
@@ -48,6 +50,16 @@ def state_shardings(param_shardings, optimizer, abstract_params, mesh):
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
                                           transform_non_params=lambda _: replicated)
     return TrainState(replicated, param_shardings, opt_shardings, replicated)
+
+
+def abstract_train_state(config, mesh, optimizer: optax.GradientTransformation, seed: int = 0):
+    """(graphdef, abstract params, abstract TrainState, the state's shardings) of `config` on
+    `mesh`: shapes and placements only, no memory."""
+    graphdef, params = nnx.split(abstract_model(config, mesh))
+    params = nnx.to_pure_dict(params)
+    shardings = state_shardings(jax.tree.map(lambda a: a.sharding, params), optimizer, params, mesh)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
+    return graphdef, params, abstract_arrays(state, shardings), shardings
 
 
 UNROLL_MAX_LAYERS = 4  # `train.layer_loop: auto` unrolls up to this many layers on CPU
