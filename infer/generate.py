@@ -311,8 +311,9 @@ class Generator:
             max_new=jnp.asarray([self._max_new(r) for r in requests] + [0] * pad_rows, jnp.int32),
             keys=row_keys([r.seed for r in requests] + [0] * pad_rows),
             eos_ids=self.eos_ids)
-        settings = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(0.0, 0, 1.0)] * pad_rows
-        sampler = make_sampler(*np.asarray(settings).T, batch=size, vocab_size=self.config.vocab_size)
+        per_row = lambda name, padding: np.asarray([getattr(r, name) for r in requests] + [padding] * pad_rows)
+        sampler = make_sampler(per_row("temperature", 0.0), per_row("top_k", 0), per_row("top_p", 1.0),
+                               batch=size, vocab_size=self.config.vocab_size)
         return rows, sampler
 
     def prefill(self, batch: Batch, cache_slots: int | None = None) -> programs.DecodeState:

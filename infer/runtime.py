@@ -98,16 +98,15 @@ def load_model(path: str, mesh=None, **config_changes):
     from mixtral_jax.loading import load as load_any
 
     try:
-        if mesh is None:
-            return load_any(path, **config_changes)
-        if not (pathlib.Path(path) / HF_CONFIG).is_file():
-            model = sharding.restore_model(path, mesh, **config_changes)
-        else:
-            model = _place(load_any(path, **config_changes), mesh)
+        if mesh is not None and not (pathlib.Path(path) / HF_CONFIG).is_file():
+            return sharding.restore_model(path, mesh, **config_changes)  # checks the mesh first
+        model = load_any(path, **config_changes)
     except TypeError as err:  # an unknown model.* key
         raise UserError(f"model settings: {err}") from None
-    sharding.check_divisible(mesh, model.config)
-    return model
+    if mesh is None:
+        return model
+    sharding.check_divisible(mesh, model.config)  # before placing: an uneven split is one clear error
+    return _place(model, mesh)
 
 
 def _place(model, mesh):

@@ -117,18 +117,26 @@ def _leaf_shapes(config: MixtralConfig) -> dict[tuple[str, ...], tuple[int, ...]
 
 # ---- reading a Hugging Face directory ---------------------------------------------------------
 def read_hf_config(directory: str | pathlib.Path) -> MixtralConfig:
-    """The model config of a Hugging Face Mixtral directory (its config.json)."""
-    path = pathlib.Path(directory) / HF_CONFIG
-    if not pathlib.Path(directory).is_dir():
+    """The model config of a Hugging Face Mixtral directory (its config.json), naming the
+    directory's tokenizer: its tokenizer.model, else the one config.json names
+    (`convert_to_hf` names "bytes"), else Mixtral's of the model's vocabulary size."""
+    directory = pathlib.Path(directory)
+    path = directory / HF_CONFIG
+    if not directory.is_dir():
         raise UserError(f"{directory}: no such directory")
     if not path.is_file():
         raise UserError(f"{directory}: no {HF_CONFIG}; not a Hugging Face model directory")
     try:
-        return MixtralConfig.from_hf_config(json.loads(path.read_text()))
+        hf_config = json.loads(path.read_text())
+        config = MixtralConfig.from_hf_config(hf_config)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     except (ConfigError, TypeError) as err:
         raise UserError(f"{path}: {err}") from None
+    if (directory / TOKENIZER_FILE).is_file():
+        return config.replace(tokenizer=str((directory / TOKENIZER_FILE).absolute()))
+    return config.replace(tokenizer=hf_config.get(TOKENIZER_KEY)
+                          or TOKENIZER_BY_VOCAB.get(config.vocab_size, config.tokenizer))
 
 
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -243,21 +251,12 @@ def convert_from_hf(directory: str | pathlib.Path, out: str | pathlib.Path,
     if (directory / TOKENIZER_FILE).is_file():
         shutil.copyfile(directory / TOKENIZER_FILE, out / TOKENIZER_FILE)
         config = config.replace(tokenizer=str(out / TOKENIZER_FILE))
-    else:
-        config = config.replace(tokenizer=_tokenizer_without_file(directory, config))
+    elif TOKENIZER_KEY not in json.loads((directory / HF_CONFIG).read_text()):
+        print(f"note: no {TOKENIZER_FILE} in {directory}; the checkpoint names the tokenizer "
+              f"{config.tokenizer!r} (vocab_size {config.vocab_size}); train with data.tokenizer=... to use "
+              f"another", file=sys.stderr)
     write_run_config(out, {"model": config})
     return out / CHECKPOINTS / "0"
-
-
-def _tokenizer_without_file(directory: pathlib.Path, config: MixtralConfig) -> str:
-    """The tokenizer of a Hugging Face directory with no tokenizer.model: the one its config.json
-    names (`convert_to_hf` names "bytes"), else Mixtral's of the model's vocabulary size."""
-    named = json.loads((directory / HF_CONFIG).read_text()).get(TOKENIZER_KEY)
-    name = named or TOKENIZER_BY_VOCAB.get(config.vocab_size, config.tokenizer)
-    if named is None:
-        print(f"note: no {TOKENIZER_FILE} in {directory}; the checkpoint names the tokenizer {name!r} "
-              f"(vocab_size {config.vocab_size}); train with data.tokenizer=... to use another", file=sys.stderr)
-    return name
 
 
 def _save_params(run_dir: pathlib.Path, params: dict) -> None:

@@ -110,6 +110,7 @@ def test_bfloat16_stays_bfloat16_and_the_tokenizer_travels(tmp_path):
     config = yaml.safe_load((ours / "config.yaml").read_text())["model"]
     assert config["param_dtype"] == "bfloat16"
     assert config["tokenizer"] == str(ours / hf.TOKENIZER_FILE)
+    assert hf.read_hf_config(directory).tokenizer == str((directory / hf.TOKENIZER_FILE).absolute())
     assert load(ours).embed.dtype == jnp.bfloat16
 
     files = hf.convert_to_hf(ours, back, progress=False)
@@ -134,6 +135,7 @@ def test_the_byte_tokenizer_survives_a_round_trip_through_hugging_face(tmp_path,
     hf.convert_from_hf(tmp_path / "hf", tmp_path / "back", progress=False)
     assert read_model_config(tmp_path / "back").tokenizer == "bytes"
     assert capsys.readouterr().err == ""
+    assert mixtral_jax.load(tmp_path / "hf").config.tokenizer == "bytes"  # read in place too (generate)
 
 
 @pytest.mark.parametrize("vocab_size, tokenizer", [(32768, "mistral-v3"), (32000, "mistral-v1")])
@@ -144,6 +146,7 @@ def test_without_tokenizer_model_the_vocabulary_size_picks_mixtrals(tmp_path, ca
     assert read_model_config(tmp_path / "ours").tokenizer == tokenizer
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and f"no {hf.TOKENIZER_FILE}" in note and repr(tokenizer) in note
+    assert hf.read_hf_config(directory).tokenizer == tokenizer  # read in place, the same one
 
 
 def _drop_tensor(directory):

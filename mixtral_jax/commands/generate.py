@@ -54,11 +54,21 @@ def run(args):
               f"finish: {result.finish_reason}]", file=sys.stderr)
         return result.text
 
-    if not args.chat:
+    if args.chat:
+        require_chat_format(tokenizer)
+        _chat(lambda messages: complete(tokenizer.encode_chat(messages)), args.system)
+    else:
         complete(tokenizer.encode(args.prompt))
-        return 0
-    require_chat_format(tokenizer)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return 0
+
+
+def _chat(reply_to, system: str | None) -> None:
+    """The --chat loop: reads turns from stdin until an empty line or EOF; `reply_to(messages)`
+    streams and returns the assistant's answer to the conversation so far."""
+    from mixtral_jax.configtools import UserError
+
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
     print("chat: an empty line or Ctrl-D ends, /reset starts over", file=sys.stderr)
     while True:
         try:
@@ -68,11 +78,11 @@ def run(args):
         if not line.strip():
             break
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(opening)
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = complete(tokenizer.encode_chat(messages))
+            reply = reply_to(messages)
         except UserError as err:  # e.g. the conversation outgrew the context: the session goes on
             messages.pop()
             print(f"error: {err} (/reset starts over)", file=sys.stderr)
@@ -81,4 +91,3 @@ def run(args):
             messages.append({"role": "assistant", "content": reply})
         else:  # an empty answer cannot be a turn of the conversation
             messages.pop()
-    return 0
