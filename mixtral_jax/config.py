@@ -264,11 +264,16 @@ def preset(name: str, **overrides) -> MixtralConfig:
     """The named preset with field overrides, e.g. `preset("tiny", num_hidden_layers=4)`."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    _check_keys(overrides)
+    return PRESETS[name](**overrides)
+
+
+def _check_keys(settings: dict[str, Any]) -> None:
+    """ConfigError naming the keys of `settings` that are no MixtralConfig field."""
     fields = {f.name for f in dataclasses.fields(MixtralConfig)}
-    unknown = sorted(set(overrides) - fields)
+    unknown = sorted(set(settings) - fields)
     if unknown:
         raise ConfigError(f"unknown model key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    return PRESETS[name](**overrides)
 
 
 def from_section(section: dict[str, Any] | None) -> MixtralConfig:
@@ -278,8 +283,5 @@ def from_section(section: dict[str, Any] | None) -> MixtralConfig:
     name = section.pop("preset", None)
     if name is not None:
         return preset(name, **section)
-    fields = {f.name for f in dataclasses.fields(MixtralConfig)}
-    unknown = sorted(set(section) - fields)
-    if unknown:
-        raise ConfigError(f"unknown model key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    _check_keys(section)
     return MixtralConfig(**section)

@@ -60,8 +60,7 @@ class DataConfig:
     prefetch: int = 4  # batches prepared ahead by a background thread (0: none)
 
     def __post_init__(self):
-        sources = [self.source] if isinstance(self.source, str) else self.source
-        if not sources or not all(sources):
+        if not self.sources or not all(self.sources):
             raise ValueError(f"data.source must name the builtin corpus or files, got {self.source!r}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed must be in [0, 2**32), got {self.seed}")
