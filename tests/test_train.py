@@ -1,6 +1,11 @@
 """The training job: config errors before compiling, the optimizer, the jitted step
 (learning, bfloat16 compute, exact gradient accumulation, the layer loop) and non-finite losses."""
 
+import os
+import signal
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +18,7 @@ import mixtral_jax as mj
 from mixtral_jax import checkpoint, cli
 from mixtral_jax.configtools import UserError
 from mixtral_jax.train.config import TrainConfig, load_run_config
-from mixtral_jax.train.main import train
+from mixtral_jax.train.main import PREEMPTED_EXIT_CODE, train
 from mixtral_jax.train.metrics import read_metrics
 from mixtral_jax.train.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
 from mixtral_jax.train.step import UNROLL_MAX_LAYERS, init_state, make_train_step, unrolls_layers
@@ -217,6 +222,22 @@ def test_skip_nonfinite_discards_the_bad_updates(tmp_path, capsys):
                   for s in (1, 4)}
     jax.tree.map(np.testing.assert_array_equal, after_step[4], after_step[1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_step[4]))
+
+
+def test_ctrl_c_saves_the_step_it_reached_and_stops(tmp_path):
+    run = tiny_run(tmp_path, "train.steps=500", "checkpoint.every=1000", "train.log_every=1")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def press_ctrl_c():  # once a step is logged: the loop's handler is in place by then
+        while not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    summary = train(run)
+    assert summary["exit_code"] == PREEMPTED_EXIT_CODE and 1 <= summary["step"] < 500
+    assert checkpoint.resolve(run.run_dir)[1].name == str(summary["step"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
 
 @pytest.mark.parametrize("change, message", [
