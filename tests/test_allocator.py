@@ -49,6 +49,7 @@ def _run(opt_out: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 def test_freed_buffers_are_reused_without_page_faults_unless_opted_out():
     kept, system = _run(opt_out=False), _run(opt_out=True)

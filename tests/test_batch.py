@@ -184,6 +184,7 @@ def test_a_file_that_is_not_this_jobs_output_is_refused_untouched(tmp_path, cont
     assert out.read_bytes() == content
 
 
+@pytest.mark.slow
 def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     # prompt lengths over several buckets: each new bucket compiles, so the kill lands mid-job

@@ -150,6 +150,7 @@ def start_training(run_dir, devices: int, *overrides) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_losses_of_one(tmp_path):
     """Two OS processes x 4 CPU devices (gloo on loopback) train 3 steps with expert=8 and log
     the losses that one process with 8 devices logs; only process 0 writes metrics."""

@@ -92,6 +92,7 @@ def test_train_bench_reports_its_keys():
     assert result["torch_malloc_tuned_tokens_per_sec"] is None
 
 
+@pytest.mark.slow
 def test_train_bench_times_transformers_in_processes_of_its_own():
     from mixtral_jax.train import bench
 

@@ -55,6 +55,7 @@ def reference(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_and_preempted_run_resumes_exactly(tmp_path, reference):
     env = {**os.environ, **use_compile_cache(), "PYTHONUNBUFFERED": "1"}
     expected = {r["step"]: r["loss"] for r in read_metrics(reference / "metrics.jsonl")}
