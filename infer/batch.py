@@ -85,7 +85,7 @@ def finished_lines(path: pathlib.Path, retry_errors: bool = False) -> set[int]:
         return set()
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    records = []  # (line as written, its record) of every whole line
+    records = []  # (the line as written, its record, its input line) of every whole line
     for number, raw in enumerate(data[:keep].splitlines(), 1):
         if not raw.strip():
             continue
@@ -98,7 +98,7 @@ def finished_lines(path: pathlib.Path, retry_errors: bool = False) -> set[int]:
     if torn and not _cut_record(torn):
         raise UserError(f"{path}: its last line is not a record of this job; use another --output")
     if retry_errors and any("error" in record for _, record, _ in records):
-        records = [entry for entry in records if "error" not in entry[1]]
+        records = [(raw, record, line) for raw, record, line in records if "error" not in record]
         _replace(path, b"".join(raw + b"\n" for raw, _, _ in records))
     elif torn:
         with path.open("r+b") as f:

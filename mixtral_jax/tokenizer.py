@@ -303,15 +303,22 @@ def _holds_text(path: pathlib.Path, chunk_bytes: int = 1 << 20) -> bool:
     with path.open("rb") as f:
         while chunk := f.read(chunk_bytes):
             data = tail + chunk
-            cut = len(data)  # the last character (maybe cut off by the chunk) waits for the next one
-            while cut > len(data) - 4 and cut and data[cut - 1] & 0xC0 == 0x80:  # continuation bytes
-                cut -= 1
-            cut -= bool(cut and data[cut - 1] >= 0xC0)  # and the byte that starts them
+            cut = _before_last_character(data)  # which the chunk may have cut off: it waits for the next
             whole, tail = data[:cut], data[cut:]
             decode_utf8(whole, path, line)
             found, line = found or bool(whole.strip()), line + whole.count(b"\n")
     decode_utf8(tail, path, line)
     return found or bool(tail.strip())
+
+
+def _before_last_character(data: bytes) -> int:
+    """Where the last UTF-8 character of `data` starts when it is a multi-byte one, else len(data)."""
+    cut = len(data)
+    while cut > max(len(data) - 3, 0) and data[cut - 1] & 0xC0 == 0x80:  # continuation bytes 10xxxxxx
+        cut -= 1
+    if cut and data[cut - 1] >= 0xC0:  # the byte that starts them, 11xxxxxx
+        return cut - 1
+    return len(data)
 
 
 class ByteTokenizer:
