@@ -107,6 +107,8 @@ class MixtralConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"model.tokenizer must be a tokenizer name or a .model path, got {self.tokenizer!r}")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property

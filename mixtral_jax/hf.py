@@ -129,14 +129,14 @@ def read_hf_config(directory: str | pathlib.Path) -> MixtralConfig:
     try:
         hf_config = json.loads(path.read_text())
         config = MixtralConfig.from_hf_config(hf_config)
+        if (directory / TOKENIZER_FILE).is_file():
+            return config.replace(tokenizer=str((directory / TOKENIZER_FILE).absolute()))
+        return config.replace(tokenizer=hf_config.get(TOKENIZER_KEY)
+                              or TOKENIZER_BY_VOCAB.get(config.vocab_size, config.tokenizer))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     except (ConfigError, TypeError) as err:
         raise UserError(f"{path}: {err}") from None
-    if (directory / TOKENIZER_FILE).is_file():
-        return config.replace(tokenizer=str((directory / TOKENIZER_FILE).absolute()))
-    return config.replace(tokenizer=hf_config.get(TOKENIZER_KEY)
-                          or TOKENIZER_BY_VOCAB.get(config.vocab_size, config.tokenizer))
 
 
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -19,6 +19,7 @@ import mixtral_jax
 from mixtral_jax import hf, moe
 from mixtral_jax.checkpoint import param_tree, read_model_config, save_params
 from mixtral_jax.cli import main
+from mixtral_jax.configtools import UserError
 from mixtral_jax.loading import from_params, load
 from mixtral_jax.model import Mixtral
 from mixtral_jax.tokenizer import model_path
@@ -136,6 +137,10 @@ def test_the_byte_tokenizer_survives_a_round_trip_through_hugging_face(tmp_path,
     assert read_model_config(tmp_path / "back").tokenizer == "bytes"
     assert capsys.readouterr().err == ""
     assert mixtral_jax.load(tmp_path / "hf").config.tokenizer == "bytes"  # read in place too (generate)
+    config = json.loads((tmp_path / "hf" / hf.HF_CONFIG).read_text())
+    (tmp_path / "hf" / hf.HF_CONFIG).write_text(json.dumps({**config, hf.TOKENIZER_KEY: 5}))
+    with pytest.raises(UserError, match=r"config.json: model.tokenizer must be a tokenizer name .* got 5"):
+        hf.read_hf_config(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("vocab_size, tokenizer", [(32768, "mistral-v3"), (32000, "mistral-v1")])

@@ -23,6 +23,8 @@ from mixtral_jax.layers import SKINNY_ROWS, dense, matmul
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(moe_impl="magic"), "moe_impl must be one of"),
     (dict(matmul_precision="fast"), "matmul_precision must be one of"),
+    (dict(tokenizer=5), "tokenizer must be a tokenizer name or a .model path, got 5"),
+    (dict(tokenizer=""), "tokenizer must be a tokenizer name"),
     (dict(hidden_size=66, num_attention_heads=4), "not divisible by num_attention_heads"),
     (dict(rope_theta="1e6"), "rope_theta must be a number > 0, got '1e6'"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps must be a number > 0"),
