@@ -81,7 +81,14 @@ def batch_rows(count: int, multiple: int) -> int:
 
 
 def prompt_ids(prompt, tokenizer) -> list[int]:
-    """Token ids of a prompt: a string, a conversation (list of role/content dicts) or ids."""
+    """Token ids of a prompt: a string, a conversation (list of role/content dicts) or ids (a
+    list, or a 1-D integer numpy or JAX array)."""
+    if isinstance(prompt, (bytes, bytearray)):
+        raise UserError(f"a prompt of bytes: decode it to a string first, got {prompt!r:.60}")
+    if isinstance(prompt, jax.Array):
+        prompt = np.asarray(prompt)
+    if isinstance(prompt, np.ndarray) and (prompt.ndim != 1 or prompt.dtype.kind not in "iu"):
+        raise UserError(f"an array prompt holds token ids: 1-D integers, got {prompt.dtype} {prompt.shape}")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise UserError("a text prompt needs a tokenizer (or pass token ids)")
@@ -124,14 +131,29 @@ def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 
     `mesh`: a `mixtral_jax.sharding` mesh the model is sharded on.
     `on_text(index, text)`: called with each prompt's new text as it is produced.
     """
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
+        prompts = list(np.asarray(prompts))  # rows of token ids
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
         raise UserError("`prompts` is a list of prompts: wrap a single prompt in a list")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError(f"`prompts` is a list of prompts (strings, conversations or token id lists), "
+                        f"got {type(prompts).__name__}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
         raise UserError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if isinstance(tokenizer, str):  # a name (or .model path), as config.tokenizer takes
+        from mixtral_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model.config, tokenizer)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    seeds = [seed, *((seed + i) % SEED_LIMIT for i in range(1, len(prompts)))]  # the first as given: checked
-    requests = [Request(prompt_ids(p, tokenizer), max_new_tokens, temperature, top_k, top_p, s, stop)
-                for p, s in zip(prompts, seeds)]
+    if isinstance(max_new_tokens, np.integer):
+        max_new_tokens = int(max_new_tokens)
+    try:
+        first = int(check_seeds([seed])[0])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    requests = [Request(prompt_ids(p, tokenizer), max_new_tokens, temperature, top_k, top_p,
+                        (first + i) % SEED_LIMIT, stop) for i, p in enumerate(prompts)]
     generator = Generator(model, tokenizer, mesh=mesh)
     size = batch_size or max(len(requests), 1)
     if on_text is None and len(requests) > size:  # a row that finishes takes the next prompt
@@ -161,6 +183,8 @@ class Generator:
         self.split = mesh is None and programs.splits_weights(self.config)
         if self.split:
             self.params = programs.split_layers(self.params)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise UserError(f"chunk must be a positive integer, got {chunk!r}")
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chunk = chunk
@@ -180,6 +204,9 @@ class Generator:
 
     def check(self, request: Request) -> None:
         """UserError when a request cannot run (empty prompt, no room in the context, bad settings)."""
+        if isinstance(request.prompt, (str, bytes)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in request.prompt):
+            raise UserError(f"a request's prompt is a list of token ids, got {request.prompt!r:.60}")
         n, context = len(request.prompt), self.config.max_position_embeddings
         if n == 0:
             raise UserError("the prompt is empty")
@@ -193,8 +220,14 @@ class Generator:
     def check_settings(self, request: Request) -> None:
         """UserError when a request's settings (its prompt aside) cannot run: max_new_tokens < 0,
         an empty stop string, or a sampling setting `make_sampler` or `check_seeds` rejects."""
-        if request.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        max_new = request.max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
+            raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new!r}")
+        if isinstance(request.stop, str):
+            raise UserError(f"stop is a tuple of strings: wrap one string as ({request.stop!r},)")
+        for name in ("temperature", "top_k", "top_p"):
+            if np.ndim(getattr(request, name)):
+                raise UserError(f"{name} is one number per request, got {getattr(request, name)!r:.60}")
         if not all(isinstance(s, str) and s for s in request.stop):
             raise UserError(f"stop strings must be non-empty strings, got {list(request.stop)!r:.80}")
         if request.stop and self.tokenizer is None:

@@ -130,7 +130,7 @@ def make_sampler(temperature, top_k=0, top_p=1.0, batch: int = 1, vocab_size: in
     k = _settings("top_k", top_k, None, batch)
     p = _settings("top_p", top_p, np.float64, batch)
     _require("temperature", t, np.isfinite(t) & (t >= 0), "a finite number >= 0")
-    _require("top_k", k, k >= 0, "an integer >= 0 (0: off)")
+    _require("top_k", k, (k >= 0) & (k == np.floor(k)), "an integer >= 0 (0: off)")
     _require("top_p", p, np.isfinite(p) & (p > 0) & (p <= 1), "a finite number in (0, 1] (1: off)")
     k = np.minimum(k, vocab_size or _INT32_MAX).astype(np.int32)  # k >= V keeps all, as k = V does
     if not (t > 0).any():
@@ -146,7 +146,11 @@ def make_sampler(temperature, top_k=0, top_p=1.0, batch: int = 1, vocab_size: in
 
 
 def _settings(name: str, values, dtype, batch: int) -> np.ndarray:
-    """One setting as an array [batch] (float64, or integers for top_k); ValueError for non-numbers."""
+    """One setting as an array [batch] (float64, or integers for top_k); ValueError for non-numbers
+    (strings and booleans included, which numpy would convert)."""
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+               for v in np.ravel(np.asarray(values, object))):
+        raise ValueError(f"{name} must be a number, got {values!r:.60}")
     try:
         array = np.asarray(values, dtype)
         if array.dtype.kind not in "iuf":  # e.g. an integer beyond int64

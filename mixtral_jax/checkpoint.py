@@ -103,6 +103,8 @@ def save_params(run_dir: str | pathlib.Path, model: nnx.Module) -> pathlib.Path:
     """Writes `model` (built or changed in Python) as a params-only run directory that
     `generate`, `batch`, `eval` and `init_from` read; returns its step folder (step 0)."""
     run_dir = pathlib.Path(run_dir).absolute()
+    if (run_dir / CHECKPOINTS).exists():  # Orbax would keep the step 0 already there
+        raise UserError(f"{run_dir} already holds {CHECKPOINTS}/; save into a new directory")
     write_run_config(run_dir, {"model": model.config})
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(run_dir / CHECKPOINTS, options=options) as manager:

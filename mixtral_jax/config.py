@@ -11,6 +11,7 @@ writes param_dtype as `torch_dtype`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,16 +92,17 @@ class MixtralConfig:
                 f"model.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
                 f"num_local_experts ({self.num_local_experts})")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window <= 0):
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window <= 0):
             raise ConfigError(f"model.sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window!r}")
         for name, strict in (("rope_theta", True), ("rms_norm_eps", True), ("initializer_range", True),
                              ("router_aux_loss_coef", False), ("router_z_loss_coef", False),
                              ("capacity_factor", False)):
             value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not (value > 0 if strict else value >= 0):  # NaN fails both
-                raise ConfigError(f"model.{name} must be a number {'> 0' if strict else '>= 0'}, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or not (value > 0 if strict else value >= 0):  # NaN and inf fail too
+                raise ConfigError(f"model.{name} must be a finite number {'> 0' if strict else '>= 0'}, "
+                                  f"got {value!r}")
         choices = {"param_dtype": DTYPES, "dtype": DTYPES, "moe_impl": MOE_IMPLS,
                    "aux_loss_style": AUX_LOSS_STYLES, "remat": REMAT_POLICIES,
                    "matmul_precision": MATMUL_PRECISIONS}

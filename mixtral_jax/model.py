@@ -114,10 +114,17 @@ class Mixtral(nnx.Module):
 
     def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
         config = self.config
+        if isinstance(tokens, str):
+            raise ValueError("tokens are integer ids [batch, seq]: encode text with a tokenizer first")
         tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be integer ids [batch, seq] with seq >= 1, got {tokens.dtype} "
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or 0 in tokens.shape:
+            raise ValueError(f"tokens must be integer ids [batch, seq] with batch, seq >= 1, got {tokens.dtype} "
                              f"{list(tokens.shape)}")
+        positions, segment_ids, token_mask = (None if a is None else jnp.asarray(a)
+                                              for a in (positions, segment_ids, token_mask))
+        for name, array in (("positions", positions), ("segment_ids", segment_ids), ("token_mask", token_mask)):
+            if array is not None and array.shape != tokens.shape:
+                raise ValueError(f"{name} must have the tokens' shape {list(tokens.shape)}, got {list(array.shape)}")
         _check_token_ids(tokens, config.vocab_size)
         if cache is not None:
             _check_cache(cache, tokens.shape, config.sliding_window)
@@ -165,6 +172,9 @@ class Mixtral(nnx.Module):
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
         """An empty cache of `size` slots per row for every layer (`KVCache`: keys [L, B, K, H, S],
         values [L, B, K, S, H])."""
+        for name, value in (("batch", batch), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"init_cache's {name} must be a positive integer, got {value!r}")
         c = self.config
         return KVCache.empty(c.num_hidden_layers, batch, size, c.num_key_value_heads, c.head_size,
                              dtype or jnp.dtype(c.dtype))
@@ -179,7 +189,11 @@ def token_nll(logits, targets):
 
 def init(config: MixtralConfig | str, seed: int = 0) -> Mixtral:
     """A freshly initialised model (parameters N(0, initializer_range), norms 1) of `config`, or of
-    the preset it names."""
+    the preset it names; seed: an integer in [0, 2**32) (numpy's too)."""
     if isinstance(config, str):
         config = preset(config)
-    return Mixtral(config, rngs=nnx.Rngs(seed))
+    if not isinstance(config, MixtralConfig):
+        raise TypeError(f"init takes a MixtralConfig or a preset name, got {type(config).__name__}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")  # larger ones repeat
+    return Mixtral(config, rngs=nnx.Rngs(int(seed)))

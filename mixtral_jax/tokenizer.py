@@ -125,6 +125,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         """`encode` of each text, run by SentencePiece's batch encoder on all cores."""
+        _check_batch(texts)
         return self.processor.Encode([unicode_text(text) for text in texts], add_bos=bos, add_eos=eos)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -180,13 +181,21 @@ class Tokenizer:
 def unicode_text(text: str, what: str = "text") -> str:
     """`text`, or UserError naming `what` if it holds a lone surrogate, which has no UTF-8 and
     so no tokens (JSON's unpaired "\\ud800" escapes, or bytes that are not UTF-8 in a
-    command-line argument)."""
+    command-line argument); UserError too for what is no string."""
+    if not isinstance(text, str):
+        raise UserError(f"{what} must be a string, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise UserError(f"{what} is not valid Unicode at character {err.start} (a lone surrogate, "
                         f"{text[err.start]!r}: an unpaired escape, or bytes that are not UTF-8)") from None
     return text
+
+
+def _check_batch(texts) -> None:
+    """UserError for one string given where a list of them belongs (it would encode each character)."""
+    if isinstance(texts, str):
+        raise UserError("encode_batch takes a list of strings (encode takes one)")
 
 
 def _a(role: str) -> str:
@@ -334,6 +343,7 @@ class ByteTokenizer:
 
     def encode_batch(self, texts, bos: bool = True, eos: bool = False) -> list[list[int]]:
         """`encode` of each text."""
+        _check_batch(texts)
         return [self.encode(text, bos, eos) for text in texts]
 
     def decode(self, ids) -> str:

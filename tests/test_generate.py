@@ -473,10 +473,33 @@ def test_generate_arguments_a_caller_may_get_wrong():
     wrapped, plain = run(seed=2**32 - 1), run(seed=0)
     assert wrapped[1].tokens == plain[0].tokens != plain[1].tokens  # seed + i wraps around to 0
     assert [r.text for r in run(stop="xy")] == [r.text for r in run(stop=["xy"])]  # one string, not x and y
+    assert [r.tokens for r in run(seed=np.int32(5))] == [r.tokens for r in run(seed=5)]  # seed + 1 fits
     for kwargs, message in [({"batch_size": 0}, "batch_size"), ({"batch_size": 1.5}, "batch_size"),
-                            ({"seed": -1}, "2\\*\\*32")]:
+                            ({"seed": -1}, "2\\*\\*32"), ({"max_new_tokens": "3"}, "max_new_tokens must be an integer"),
+                            ({"temperature": "0.7"}, "temperature must be a number"),
+                            ({"top_k": 2.5}, "top_k must be an integer"), ({"temperature": None}, "got None")]:
         with pytest.raises(UserError, match=message):
             run(**kwargs)
+    greedy = functools.partial(generate, model, max_new_tokens=3)
+    ids = [[1, 5, 9], [1, 7, 8]]
+    expected = [r.tokens for r in greedy(ids)]
+    assert [r.tokens for r in greedy(np.array(ids))] == expected  # a 2-D array: rows of ids
+    assert [r.tokens for r in greedy([jnp.array(i) for i in ids])] == expected
+    assert [r.text for r in greedy(["ab"], "bytes")] == [r.text for r in greedy(["ab"], bytes_)]  # a name
+    for prompts, message in [((p for p in ids), "`prompts` is a list of prompts .* got generator"),
+                             ([b"ab"], "a prompt of bytes: decode it"),
+                             ([np.array([1.0, 2.0])], "an array prompt holds token ids")]:
+        with pytest.raises(UserError, match=message):
+            greedy(prompts, bytes_)
+    generator = Generator(model, bytes_)
+    for request, message in [(Request([1, 2], 3, stop="xy"), "stop is a tuple of strings"),
+                              (Request([1.5, 2.0], 3), "prompt is a list of token ids"),
+                              (Request("hello", 3), "prompt is a list of token ids"),
+                              (Request([1, 2], 3, temperature=np.array([0.5])), "temperature is one number")]:
+        with pytest.raises(UserError, match=message):
+            generator.run([request])
+    with pytest.raises(UserError, match="chunk must be a positive integer, got 0"):
+        Generator(model, bytes_, chunk=0)
     with pytest.raises(UserError, match="32000 pieces but the model's vocabulary 272"):
         generate(model, ["ab"], Tokenizer(), max_new_tokens=2)
     from mixtral_jax.sharding.config import MeshConfig

@@ -24,13 +24,15 @@ from mixtral_jax.layers import SKINNY_ROWS, dense, matmul
     (dict(moe_impl="magic"), "moe_impl must be one of"),
     (dict(matmul_precision="fast"), "matmul_precision must be one of"),
     (dict(tokenizer=5), "tokenizer must be a tokenizer name or a .model path, got 5"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number > 0, got inf"),  # logits all 0
+    (dict(sliding_window=True), "sliding_window must be a positive integer or null, got True"),
     (dict(tokenizer=""), "tokenizer must be a tokenizer name"),
     (dict(hidden_size=66, num_attention_heads=4), "not divisible by num_attention_heads"),
-    (dict(rope_theta="1e6"), "rope_theta must be a number > 0, got '1e6'"),
-    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a number > 0"),
-    (dict(capacity_factor=None), "capacity_factor must be a number >= 0, got None"),
+    (dict(rope_theta="1e6"), "rope_theta must be a finite number > 0, got '1e6'"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a finite number > 0"),
+    (dict(capacity_factor=None), "capacity_factor must be a finite number >= 0, got None"),
     (dict(eos_token_id=256), r"eos_token_id must be an id in \[0, 256\), got 256"),
-    (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef must be a number >= 0"),
+    (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef must be a finite number >= 0"),
 ])
 def test_invalid_configs_fail_with_a_message_naming_the_field(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -240,15 +242,37 @@ def test_remat_policies_give_the_same_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), base, grads(remat))
 
 
+def test_init_takes_numpy_seeds_and_refuses_seeds_that_would_repeat(tmp_path):
+    config = preset("tiny", vocab_size=272, tokenizer="bytes")
+    assert np.array_equal(init(config, seed=np.int64(3)).embed[...], init(config, seed=3).embed[...])
+    for seed in (2**32, -1, 1.5, "0", None):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            init(config, seed=seed)
+    from mixtral_jax.checkpoint import load_checkpoint, save_params
+    from mixtral_jax.configtools import UserError
+
+    save_params(tmp_path / "run", init(config, seed=0))
+    with pytest.raises(UserError, match="already holds checkpoints/"):  # Orbax would keep the old step 0
+        save_params(tmp_path / "run", init(config, seed=1))
+    assert np.array_equal(load_checkpoint(tmp_path / "run").embed[...], init(config, seed=0).embed[...])
+
+
 def test_an_eager_call_refuses_token_ids_outside_the_vocabulary():
     model = init(preset("tiny"), seed=0)  # vocab 256
     for ids in ([[1, 256]], [[-1, 5]]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             model(jnp.array(ids))  # the embedding lookup alone would clamp it
     assert model([[1, 255]]).shape == (1, 2, 256)  # a plain list is fine
-    for bad in (jnp.array([1, 2]), jnp.array([[1.0, 2.0]]), jnp.zeros((1, 0), jnp.int32)):
-        with pytest.raises(ValueError, match=r"integer ids \[batch, seq\] with seq >= 1"):
+    for bad in (jnp.array([1, 2]), jnp.array([[1.0, 2.0]]), jnp.zeros((1, 0), jnp.int32), jnp.zeros((0, 3), jnp.int32)):
+        with pytest.raises(ValueError, match=r"integer ids \[batch, seq\] with batch, seq >= 1"):
             model(bad)
+    with pytest.raises(ValueError, match="encode text with a tokenizer first"):
+        model("hello")
+    tokens = jnp.ones((1, 3), jnp.int32)
+    for name, wrong in (("positions", jnp.arange(2)), ("segment_ids", jnp.ones((2, 3), jnp.int32)),
+                        ("token_mask", jnp.ones((3,)))):
+        with pytest.raises(ValueError, match=rf"{name} must have the tokens' shape \[1, 3\]"):
+            model.forward(tokens, **{name: wrong})
 
 
 def test_a_cache_that_cannot_take_the_tokens_is_refused():

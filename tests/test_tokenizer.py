@@ -229,6 +229,17 @@ def test_train_tiny_tokenizer_with_mixtral_layout(corpus, tmp_path, v1):
     assert tok.encode_chat([{"role": "user", "content": "gate"}])[0] == 1
 
 
+@pytest.mark.parametrize("make", [Tokenizer, tokenizer.ByteTokenizer])
+def test_encode_refuses_what_is_no_text(make):
+    tok = make()
+    for bad, message in [(None, "text must be a string, got NoneType"), (b"hi", "text must be a string, got bytes")]:
+        with pytest.raises(UserError, match=message):
+            tok.encode(bad)
+    with pytest.raises(UserError, match="encode_batch takes a list of strings"):  # not one per character
+        tok.encode_batch("Hello")
+    assert tok.encode_batch(["Hello"]) == [tok.encode("Hello")]
+
+
 def test_train_rejects_bad_input(tmp_path, corpus):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

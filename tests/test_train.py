@@ -62,6 +62,7 @@ def random_batch(vocab: int, rows: int, length: int, seed: int = 0, padded_rows:
     (["train.lr=inf"], "train.lr must be a finite number"),  # else the first step's loss is NaN
     (["train.lr=-1"], "error: train.lr must be >= 0"),  # named once, not "train: train.lr"
     (["train.peak_flops=-1"], "train.peak_flops must be >= 0"),  # else a negative MFU
+    (["train.seed=4294967296"], "train.seed must be in [0, 2**32)"),  # else an overflow in jax
 ])
 def test_bad_config_is_one_clear_line_before_compiling(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"

@@ -67,6 +67,7 @@ class TrainConfig:
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "train.b1 and train.b2 must be in [0, 1)")
         _check(self.peak_flops is None or self.peak_flops >= 0,
                f"train.peak_flops must be >= 0 (0: no MFU), got {self.peak_flops}")
+        _check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                f"({self.grad_accum})")
