@@ -16,6 +16,7 @@ _EXPORTS = {
     "init": "mixtral_jax.model",
     "Tokenizer": "mixtral_jax.tokenizer",
     "load": "mixtral_jax.loading",
+    "save_params": "mixtral_jax.checkpoint",
     "from_params": "mixtral_jax.loading",
     "generate": "mixtral_jax.infer",
     "Completion": "mixtral_jax.infer",

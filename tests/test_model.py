@@ -242,19 +242,26 @@ def test_remat_policies_give_the_same_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), base, grads(remat))
 
 
+def test_every_public_name_resolves():
+    import mixtral_jax
+
+    for name in mixtral_jax.__all__:  # imported on first use: a wrong module in the table fails here
+        assert getattr(getattr(mixtral_jax, name), "__name__", name) == name  # PRESETS is a dict
+
+
 def test_init_takes_numpy_seeds_and_refuses_seeds_that_would_repeat(tmp_path):
     config = preset("tiny", vocab_size=272, tokenizer="bytes")
     assert np.array_equal(init(config, seed=np.int64(3)).embed[...], init(config, seed=3).embed[...])
     for seed in (2**32, -1, 1.5, "0", None):
         with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
             init(config, seed=seed)
-    from mixtral_jax.checkpoint import load_checkpoint, save_params
+    from mixtral_jax import load, save_params
     from mixtral_jax.configtools import UserError
 
     save_params(tmp_path / "run", init(config, seed=0))
     with pytest.raises(UserError, match="already holds checkpoints/"):  # Orbax would keep the old step 0
         save_params(tmp_path / "run", init(config, seed=1))
-    assert np.array_equal(load_checkpoint(tmp_path / "run").embed[...], init(config, seed=0).embed[...])
+    assert np.array_equal(load(tmp_path / "run").embed[...], init(config, seed=0).embed[...])
 
 
 def test_an_eager_call_refuses_token_ids_outside_the_vocabulary():
