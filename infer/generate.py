@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.configtools import UserError
+from mixtral_jax.configtools import UserError, is_integer
 from mixtral_jax.infer import decode as programs
 from mixtral_jax.infer.sampling import SEED_LIMIT, check_seeds, make_sampler, row_keys
 
@@ -99,7 +99,7 @@ def prompt_ids(prompt, tokenizer) -> list[int]:
         require_chat_format(tokenizer)
         return tokenizer.encode_chat(prompt)
     if isinstance(prompt, (Sequence, np.ndarray)) and all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            is_integer(t) for t in prompt):
         return [int(t) for t in prompt]
     raise UserError(f"a prompt must be a string, a list of messages or a list of token ids, got {prompt!r:.80}")
 
@@ -138,8 +138,7 @@ def generate(model, prompts: Sequence, tokenizer=None, *, max_new_tokens: int = 
     if not isinstance(prompts, (list, tuple)):
         raise UserError(f"`prompts` is a list of prompts (strings, conversations or token id lists), "
                         f"got {type(prompts).__name__}")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                   or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise UserError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if isinstance(tokenizer, str):  # a name (or .model path), as config.tokenizer takes
         from mixtral_jax.tokenizer import load_tokenizer
@@ -183,7 +182,7 @@ class Generator:
         self.split = mesh is None and programs.splits_weights(self.config)
         if self.split:
             self.params = programs.split_layers(self.params)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if not is_integer(chunk) or chunk < 1:
             raise UserError(f"chunk must be a positive integer, got {chunk!r}")
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -204,17 +203,20 @@ class Generator:
 
     def check(self, request: Request) -> None:
         """UserError when a request cannot run (empty prompt, no room in the context, bad settings)."""
-        if isinstance(request.prompt, (str, bytes)) or not all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in request.prompt):
-            raise UserError(f"a request's prompt is a list of token ids, got {request.prompt!r:.60}")
         n, context = len(request.prompt), self.config.max_position_embeddings
         if n == 0:
             raise UserError("the prompt is empty")
+        try:
+            ids = np.asarray(request.prompt)  # one vectorised pass: batch jobs check millions of prompts
+        except ValueError:  # ragged
+            ids = np.asarray(None)
+        if isinstance(request.prompt, (str, bytes)) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UserError(f"a request's prompt is a list of token ids, got {request.prompt!r:.60}")
         if n >= context:
             raise UserError(f"the prompt has {n} tokens; the model's context is {context}")
-        bad = next((t for t in request.prompt if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise UserError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         self.check_settings(request)
 
     def check_settings(self, request: Request) -> None:

@@ -15,9 +15,12 @@ A row with temperature 0 is greedy inside a `Categorical` too.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixtral_jax.configtools import is_integer
 
 _REMOVED = -jnp.inf
 _CHUNK = 128  # vocabulary entries per chunk of `argmax`
@@ -170,8 +173,7 @@ def check_seeds(seeds) -> np.ndarray:
     """Seeds [B] as uint32; ValueError (one line) unless each is an integer with 0 <= seed < 2**32."""
     out = []
     for seed in np.ravel(np.asarray(seeds, object)):
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
-                or not 0 <= seed < SEED_LIMIT:
+        if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer with 0 <= seed < 2**32, got {seed!r:.60}")
         out.append(int(seed))
     return np.asarray(out, np.uint32)

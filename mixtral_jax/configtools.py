@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import numbers
 import pathlib
 import types
 import typing
@@ -22,6 +23,11 @@ CONFIG_DIR = importlib.resources.files("mixtral_jax.configs")  # the repo's conf
 
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits non-zero."""
+
+
+def is_integer(value) -> bool:
+    """Whether `value` is an integer, Python's or numpy's, and not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require_positive(values: dict[str, int]) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, preset
+from mixtral_jax.configtools import is_integer
 from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, dense, param
 from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balancing_loss, router_z_loss
 
@@ -173,7 +174,7 @@ class Mixtral(nnx.Module):
         """An empty cache of `size` slots per row for every layer (`KVCache`: keys [L, B, K, H, S],
         values [L, B, K, S, H])."""
         for name, value in (("batch", batch), ("size", size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"init_cache's {name} must be a positive integer, got {value!r}")
         c = self.config
         return KVCache.empty(c.num_hidden_layers, batch, size, c.num_key_value_heads, c.head_size,
@@ -194,6 +195,6 @@ def init(config: MixtralConfig | str, seed: int = 0) -> Mixtral:
         config = preset(config)
     if not isinstance(config, MixtralConfig):
         raise TypeError(f"init takes a MixtralConfig or a preset name, got {type(config).__name__}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    if not is_integer(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")  # larger ones repeat
     return Mixtral(config, rngs=nnx.Rngs(int(seed)))

@@ -81,7 +81,7 @@ def _initial_state(run: RunConfig, mesh, optimizer, checkpointer: Checkpointer, 
     """(graphdef, state, state shardings, data iterator state or None): resumed from the run
     directory, started from `init_from`, or freshly initialised, always sharded on `mesh`."""
     config, train = run.model_config, run.train
-    graphdef, _, abstract_state, shardings = abstract_train_state(config, mesh, optimizer, train.seed)
+    graphdef, abstract_state, shardings = abstract_train_state(config, mesh, optimizer, train.seed)
     if resume_step is not None:
         state, data_state = checkpointer.restore(resume_step, abstract_state)
         return graphdef, state, shardings, data_state

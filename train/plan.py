@@ -49,7 +49,7 @@ def plan_training(config: MixtralConfig, mesh: Mesh, train_cfg) -> dict:
 
     check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
     optimizer = make_optimizer(train_cfg)
-    graphdef, _, state, shardings = abstract_train_state(config, mesh, optimizer)
+    graphdef, state, shardings = abstract_train_state(config, mesh, optimizer)
     rows = batch_sharding(mesh)
     shape = (train_cfg.batch_size, train_cfg.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)

@@ -53,13 +53,13 @@ def state_shardings(param_shardings, optimizer, abstract_params, mesh):
 
 
 def abstract_train_state(config, mesh, optimizer: optax.GradientTransformation, seed: int = 0):
-    """(graphdef, abstract params, abstract TrainState, the state's shardings) of `config` on
-    `mesh`: shapes and placements only, no memory."""
+    """(graphdef, abstract TrainState, the state's shardings) of `config` on `mesh`: shapes and
+    placements only, no memory."""
     graphdef, params = nnx.split(abstract_model(config, mesh))
     params = nnx.to_pure_dict(params)
     shardings = state_shardings(jax.tree.map(lambda a: a.sharding, params), optimizer, params, mesh)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
-    return graphdef, params, abstract_arrays(state, shardings), shardings
+    return graphdef, abstract_arrays(state, shardings), shardings
 
 
 UNROLL_MAX_LAYERS = 4  # `train.layer_loop: auto` unrolls up to this many layers on CPU
