@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax._grouped import TAIL_ROWS, head_blocks, run_group_blocks
-from mixtral_jax.layers import SKINNY_ROWS, KVCache
+from mixtral_jax.layers import KVCache
 from mixtral_jax.moe import experts_fn_for, resolve_impl, sorted_experts, swiglu
 
 
@@ -120,6 +120,9 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, tail
     return y[:rows]
 
 
+WEIGHT_LEFT_ROWS = 32  # the most rows `_swiglu_out_in` runs with the weights as left operands
+
+
 def _swiglu_out_in(x, w_gate_t, w_up_t, w_down_t):
     """`moe.swiglu` of x [R, D] with the weights stored [out, in]: w_gate_t, w_up_t [F, D],
     w_down_t [D, F].
@@ -132,7 +135,7 @@ def _swiglu_out_in(x, w_gate_t, w_up_t, w_down_t):
     1.04x / 1.07x, batch 1 unchanged; bench-small's prefill of a 128-token
     prompt 1.24x (Zen 4).
     """
-    if x.shape[0] > SKINNY_ROWS[1]:
+    if x.shape[0] > WEIGHT_LEFT_ROWS:
         hidden = jax.nn.silu(x @ w_gate_t.T) * (x @ w_up_t.T)  # [R, F]
         return hidden @ w_down_t.T
     project = lambda w_t: jnp.einsum("fd,rd->fr", w_t, x)  # [F, R]

@@ -10,6 +10,7 @@ Einsum letters used throughout the model:
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import jax
@@ -148,26 +149,35 @@ def _values_layout(v):
     return rearrange(v, "b t k h -> b k t h")
 
 
-def _skinny_rows() -> tuple[int, int]:
-    """The row counts `matmul` runs in the transposed form on this CPU (inclusive bounds).
+def _skinny_rows(cpuinfo: str) -> tuple[int, int]:
+    """The row counts `matmul` runs in the transposed form on the CPU that `cpuinfo`
+    (the text of /proc/cpuinfo) describes (inclusive bounds).
 
     Measured with alternating compiled decode loops in one process. On AVX2
     (Zen 1) Eigen beat YNNPACK from 2 rows on (bench-small's weight shapes:
     1.2-1.45x the GB/s at 2 rows, 1.05-2.1x at 8 and 16, 1.0-1.25x at 32). On
-    AVX-512 (Zen 4) YNNPACK is the faster one below 16 rows: bench-tiny's
+    AVX-512 YNNPACK is the faster one below 16 rows: on Zen 4, bench-tiny's
     decode step 1.08-1.10x faster at batch 4 and 8 (its LM head's matmul is
     half of that step), bench-small within noise (1.03x at batch 8, 0.99x at
-    4); at 32 rows Eigen still wins (bench-small, batch 32: 1.07x).
+    4). At 32 rows Eigen still wins on Zen 4 (bench-small, batch 32: 1.07x),
+    YNNPACK on Zen 5 (AMD family 26, full-width AVX-512: a batch-32 step
+    1.05-1.06x faster on both presets; the LM head alone 1.07x on bench-tiny).
     """
+    if " avx512f" not in cpuinfo:
+        return 2, 32
+    zen5 = "AuthenticAMD" in cpuinfo and re.search(r"^cpu family\s*:\s*26\s*$", cpuinfo, re.MULTILINE)
+    return (16, 31) if zen5 else (16, 32)
+
+
+def _read_cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            avx512 = " avx512f" in cpuinfo.read()
+            return cpuinfo.read()
     except OSError:
-        avx512 = False
-    return (16, 32) if avx512 else (2, 32)
+        return ""
 
 
-SKINNY_ROWS = _skinny_rows()
+SKINNY_ROWS = _skinny_rows(_read_cpuinfo())
 
 
 def matmul(x, w):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mixtral_jax import ConfigError, Mixtral, MixtralConfig, init, preset
 from mixtral_jax.config import from_section
-from mixtral_jax.layers import SKINNY_ROWS, dense, matmul
+from mixtral_jax.layers import SKINNY_ROWS, _skinny_rows, dense, matmul
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -198,6 +198,20 @@ def test_dense_derivatives_equal_autodiff_of_the_matmul():
                                rtol=1e-6, atol=1e-6)
     hvp = lambda f: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.sin(f(x, w)))), (w,), (dw,))[1]
     np.testing.assert_allclose(hvp(dense), hvp(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_skinny_rows_follow_the_cpu():
+    """The transposed form's row counts by CPU: AVX2 from 2 rows, AVX-512 from 16, and 32
+    rows left to YNNPACK only on Zen 5 (AMD family 26; Intel's family 6 keeps Zen 4's bounds)."""
+    def cpuinfo(vendor, family, flags):
+        return f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu {flags} sse\n" * 2
+
+    assert _skinny_rows(cpuinfo("AuthenticAMD", 23, "avx2")) == (2, 32)
+    assert _skinny_rows(cpuinfo("AuthenticAMD", 25, "avx2 avx512f avx512bw")) == (16, 32)
+    assert _skinny_rows(cpuinfo("AuthenticAMD", 26, "avx2 avx512f avx512bw")) == (16, 31)
+    assert _skinny_rows(cpuinfo("GenuineIntel", 6, "avx2 avx512f")) == (16, 32)
+    assert _skinny_rows(cpuinfo("AuthenticAMD", 26, "avx2")) == (2, 32)
+    assert _skinny_rows("") == (2, 32)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 16, 32, 33])
