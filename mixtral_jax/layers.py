@@ -169,7 +169,8 @@ def _skinny_rows(cpuinfo: str) -> tuple[int, int]:
     return (16, 31) if zen5 else (16, 32)
 
 
-def _read_cpuinfo() -> str:
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return cpuinfo.read()
@@ -177,7 +178,7 @@ def _read_cpuinfo() -> str:
         return ""
 
 
-SKINNY_ROWS = _skinny_rows(_read_cpuinfo())
+SKINNY_ROWS = _skinny_rows(read_cpuinfo())
 
 
 def matmul(x, w):

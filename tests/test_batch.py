@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 import mixtral_jax as mj
@@ -210,6 +211,30 @@ def test_sigkilled_job_resumes_without_gaps_or_duplicates(tmp_path, checkpoint):
     records = read_records(out)
     assert sorted(r["line"] for r in records) == list(range(1, 41))
     assert all(r["finish_reason"] in ("eos", "length") for r in records)
+
+
+def test_bench_commands_name_the_machine(capsys):
+    """Every `mixtral-jax bench` JSON says what it ran on: figures move with the CPU generation."""
+    from mixtral_jax.cli import main
+
+    assert main(["bench", "batch", "--preset", "tiny", "--rows", "3", "--batch-size", "2", "--prompt-len", "4",
+                 "--max-new-tokens", "2", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["continuous"]["tokens_per_s"] > 0
+    machine = report["machine"]
+    assert machine["backend"] == jax.default_backend() and machine["device_count"] == jax.device_count()
+    assert machine["jax"] == jax.__version__ and machine["cores"] >= 1
+
+
+def test_cpu_description_reads_cpuinfo():
+    from mixtral_jax.commands.bench import cpu_description
+
+    cpu = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+           "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    assert cpu_description(cpu.format(n=0, flags="avx512f avx512bw") + cpu.format(n=1, flags="avx512f")) == {
+        "cpu": "AMD EPYC 9B45", "cpu_family": 26, "cpu_model": 2, "avx512": True}
+    assert cpu_description(cpu.format(n=0, flags="avx512_bf16"))["avx512"] is False
+    assert cpu_description("") == {}
 
 
 def test_bench_batch_times_both_ways_over_the_same_tokens():
