@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -130,10 +132,40 @@ def shape_mismatch(found: dict, wanted: dict, where: str) -> str | None:
     return None
 
 
+def _is_closed_loop_report(report) -> bool:
+    """Whether an unraisable-exception report is a callback's `call_soon_threadsafe` into a
+    closed event loop."""
+    return (report.object is None and isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"
+            and "call_soon_threadsafe" in (frame.name for frame in traceback.extract_tb(report.exc_traceback)))
+
+
+def _closed_loop_filter(previous):
+    """An unraisable-exception hook that drops `_is_closed_loop_report`s and hands every other
+    report to `previous` (kept as its `.previous_unraisablehook`)."""
+    def hook(report):
+        if not _is_closed_loop_report(report):
+            previous(report)
+
+    hook.previous_unraisablehook = previous
+    return hook
+
+
 @contextlib.contextmanager
 def _readable(step_dir: pathlib.Path):
     """A failed read of the stored parameters as one UserError line: the root cause's first line,
-    which names the array (Orbax wraps tensorstore's error, kilobytes with its spec)."""
+    which names the array (Orbax wraps tensorstore's error, kilobytes with its spec).
+
+    Orbax runs a restore in an event loop of its own and closes it when the first
+    read fails; tensorstore's callbacks for the reads still in flight then call into
+    the closed loop from its threads, and each RuntimeError goes to
+    `sys.unraisablehook`: a dozen tracebacks on stderr after the one-line error.
+    While reading, and for good after a failed read, those reports are dropped;
+    every other one goes to the hook installed before.
+    """
+    installed = None
+    if not hasattr(sys.unraisablehook, "previous_unraisablehook"):
+        installed = sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
     try:
         yield
     except Exception as err:  # noqa: BLE001 -- the wrapper is a bare Exception
@@ -141,6 +173,9 @@ def _readable(step_dir: pathlib.Path):
             err = err.__cause__
         detail = (str(err).splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0][:300]
         raise UserError(f"{step_dir}: parameters unreadable: damaged, or not of the model config ({detail})") from None
+    else:  # every read finished: no callback is left to report
+        if installed is not None and sys.unraisablehook is installed:
+            sys.unraisablehook = installed.previous_unraisablehook
 
 
 def _check_shapes(step_dir: pathlib.Path, target) -> None:

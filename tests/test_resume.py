@@ -123,3 +123,36 @@ def test_a_damaged_checkpoint_is_named_with_the_array_it_breaks_on(tmp_path):
     with pytest.raises(UserError, match=r"parameters unreadable: damaged, or not of the model config "
                                         r"\(OUT_OF_RANGE: Error (reading|opening) "):
         load_checkpoint(tmp_path / "run")
+
+
+def test_a_failed_read_prints_only_its_error(tmp_path, monkeypatch):
+    """The reads still in flight when one fails call into Orbax's closed event loop; their
+    reports are dropped (they printed a traceback apiece after the error), others are not,
+    and a read that succeeds leaves the hook as it found it."""
+    import gc
+
+    import mixtral_jax as mj
+    from mixtral_jax.checkpoint import load_checkpoint, save_params
+    from mixtral_jax.configtools import UserError
+
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    save_params(tmp_path / "good", mj.init(mj.preset("tiny"), seed=0))
+    load_checkpoint(tmp_path / "good")
+    assert sys.unraisablehook == reports.append
+    step = save_params(tmp_path / "run", mj.init(mj.preset("tiny"), seed=0))
+    for data in step.rglob("d/*"):
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "run")
+    time.sleep(0.5)  # the other reads' callbacks come from tensorstore's threads
+    gc.collect()
+    assert reports == []
+
+    class Unraisable:
+        def __del__(self):
+            raise ValueError("still reported")
+
+    Unraisable()
+    gc.collect()
+    assert [str(report.exc_value) for report in reports] == ["still reported"]
