@@ -10,7 +10,6 @@ Einsum letters used throughout the model:
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
 import jax
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from flax.core import spmd
+
+from mixtral_jax.cpuinfo import cpu_description, read_cpuinfo
 
 # Logical axis names carried by parameters; sharding/ maps them to mesh axes.
 EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, NORM, LAYERS = (
@@ -163,19 +164,10 @@ def _skinny_rows(cpuinfo: str) -> tuple[int, int]:
     YNNPACK on Zen 5 (AMD family 26, full-width AVX-512: a batch-32 step
     1.05-1.06x faster on both presets; the LM head alone 1.07x on bench-tiny).
     """
-    if " avx512f" not in cpuinfo:
+    cpu = cpu_description(cpuinfo)
+    if not cpu.get("avx512"):
         return 2, 32
-    zen5 = "AuthenticAMD" in cpuinfo and re.search(r"^cpu family\s*:\s*26\s*$", cpuinfo, re.MULTILINE)
-    return (16, 31) if zen5 else (16, 32)
-
-
-def read_cpuinfo() -> str:
-    """The text of /proc/cpuinfo ("" where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return cpuinfo.read()
-    except OSError:
-        return ""
+    return (16, 31) if cpu["cpu_family"] == 26 else (16, 32)  # family 26: AMD's alone
 
 
 SKINNY_ROWS = _skinny_rows(read_cpuinfo())

@@ -227,7 +227,7 @@ def test_bench_commands_name_the_machine(capsys):
 
 
 def test_cpu_description_reads_cpuinfo():
-    from mixtral_jax.commands.bench import cpu_description
+    from mixtral_jax.cpuinfo import cpu_description
 
     cpu = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
            "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx2 {flags}\n\n")

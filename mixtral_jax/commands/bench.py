@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 
 BENCHES = {
     "moe": ("mixtral_jax.benchmarks.moe", "fast MoE vs dense FFN of equal active FLOPs (+ expert-parallel)"),
@@ -24,24 +23,13 @@ def add_arguments(parser):
                                                                      description=help_text))
 
 
-def cpu_description(cpuinfo: str) -> dict:
-    """The CPU that `cpuinfo` (the text of /proc/cpuinfo) describes: its model name, family and
-    model numbers (these tell CPU generations apart where the name does not, e.g. AMD's 25 for
-    Zen 4 and 26 for Zen 5) and whether it has AVX-512; empty where the text says nothing."""
-    fields = dict(re.findall(r"^(model name|cpu family|model|flags)\s*:\s*(.*?)\s*$", cpuinfo, re.MULTILINE))
-    if not fields:
-        return {}
-    number = lambda key: int(fields[key]) if fields.get(key, "").isdigit() else None
-    return {"cpu": fields.get("model name"), "cpu_family": number("cpu family"), "cpu_model": number("model"),
-            "avx512": "avx512f" in fields.get("flags", "").split()}
-
-
 def machine() -> dict:
     """What a benchmark ran on, for its JSON: figures move with the CPU generation and the
     backend (the decode path even picks its matmul forms by CPU, see `layers.SKINNY_ROWS`)."""
     import jax
 
-    from mixtral_jax.layers import SKINNY_ROWS, read_cpuinfo
+    from mixtral_jax.cpuinfo import cpu_description, read_cpuinfo
+    from mixtral_jax.layers import SKINNY_ROWS
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # (not on macOS)
     return {**cpu_description(read_cpuinfo()), "cores": cores,
