@@ -10,6 +10,7 @@ interchangeable.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -153,17 +154,23 @@ def resolve_impl(moe_impl: str) -> str:
     return moe_impl
 
 
-def experts_fn_for(moe_impl: str) -> ExpertsFn:
-    """The single-device ExpertsFn a config's `moe_impl` names ("auto" picks by backend)."""
+def experts_fn_for(moe_impl: str, rows_per_expert: int | None = None) -> ExpertsFn:
+    """The single-device ExpertsFn a config's `moe_impl` names ("auto" picks by backend).
+
+    rows_per_expert: the rows an expert gets on average, when fewer than the
+    rows given over the experts (the expert-parallel path's buffers hold
+    padding); the grouped path sizes its batched slots by it.
+    """
     moe_impl = resolve_impl(moe_impl)
     if moe_impl == "reference":
         return reference_experts
     if moe_impl == "ragged":
         return sorted_experts(ragged_ffn)
     if moe_impl == "grouped":
-        from mixtral_jax._grouped import grouped_ffn
+        from mixtral_jax._grouped import default_capacity, grouped_ffn
 
-        return sorted_experts(grouped_ffn)
+        capacity = None if rows_per_expert is None else default_capacity(rows_per_expert)
+        return sorted_experts(functools.partial(grouped_ffn, capacity=capacity))
     raise ValueError(f"unknown moe_impl {moe_impl!r}")
 
 

@@ -57,7 +57,7 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) 
 
 
 def _local_moe(x, expert_idx, expert_weights, w_gate, w_up, w_down, *, capacity_factor: float,
-               local_experts_fn: ExpertsFn):
+               moe_impl: str):
     """One device's part: x [n, D], expert_idx/expert_weights [n, k] (index E marks padding),
     w_* its E/X local experts (F maybe split over tensor) -> (y [n, D], dropped pairs, pairs)."""
     n, k = expert_idx.shape
@@ -82,6 +82,8 @@ def _local_moe(x, expert_idx, expert_weights, w_gate, w_up, w_down, *, capacity_
     rows = recv.reshape(-1, local_experts, cap, d).transpose(1, 0, 2, 3).reshape(-1, d)
     used = recv_filled.reshape(-1, local_experts).T[:, :, None] > jnp.arange(cap)  # [E/X, X, C]
     row_expert = jnp.where(used, jnp.arange(local_experts)[:, None, None], local_experts).reshape(-1, 1)
+    # the buffers' rows are mostly padding: an expert gets n * k * X / E of them on average
+    local_experts_fn = experts_fn_for(moe_impl, rows_per_expert=-(-n * k * jax.lax.axis_size("expert") // num_experts))
     out, _ = local_experts_fn(rows, row_expert, jnp.ones(row_expert.shape, rows.dtype),
                               w_gate, w_up, w_down)  # partial sums over F when tensor > 1
     out = out.reshape(local_experts, -1, cap, d).transpose(1, 0, 2, 3).reshape(num_experts, cap, d)
@@ -108,7 +110,7 @@ def experts_fn(mesh: Mesh, config: MixtralConfig) -> ExpertsFn | None:
     # consistent by hand (psum over tensor; counts psummed over the batch axes).
     sharded = jax.shard_map(
         functools.partial(_local_moe, capacity_factor=config.capacity_factor,
-                          local_experts_fn=experts_fn_for(config.moe_impl)),
+                          moe_impl=config.moe_impl),
         mesh=mesh, in_specs=tuple(specs[a] for a in _ARGS), check_vma=False,
         out_specs=(specs["x"], PartitionSpec(), PartitionSpec()))
 

@@ -48,10 +48,10 @@ ROUTINGS = {  # name -> expert_idx [N, 2] from the random top-2 choice; a repeat
     "all-to-last": lambda idx: jnp.full_like(idx, E - 1),  # the last tail spills into the padding
     "all-to-two": lambda idx: jnp.tile(jnp.array([[5, 2]], jnp.int32), (N, 1)),
 }
-BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
-    "small": (8, 3),  # every group has a head and a tail; tails spill into the next groups
-    "uneven": (12, 5),  # halvings 12, 6, then 5-row blocks: R / r not a power of two
-    "default": (256, 16),  # heads and halvings over M left out (every group is shorter)
+BLOCKS = {  # name -> (block_rows, tail_rows, capacity) of the grouped kernel
+    "small": (8, 3, 3),  # 3 slots: the rest of every group has a head and a tail; tails spill
+    "uneven": (12, 5, None),  # halvings 12, 6, then 5-row blocks: R / r not a power of two
+    "default": (256, 16, None),  # heads and halvings over M left out (every group is shorter)
 }
 
 
@@ -59,7 +59,7 @@ BLOCKS = {  # name -> (block_rows, tail_rows) of the grouped kernel
 def _value_and_grads(impl, blocks=None):
     """jit(value_and_grad) of a loss reaching x, the routing weights and every expert weight."""
     experts_fn = moe.experts_fn_for(impl) if blocks is None else moe.sorted_experts(
-        functools.partial(grouped_ffn, block_rows=blocks[0], tail_rows=blocks[1]))
+        functools.partial(grouped_ffn, block_rows=blocks[0], tail_rows=blocks[1], capacity=blocks[2]))
 
     def loss(x, weights, w_gate, w_up, w_down, expert_idx):
         y, _ = experts_fn(x, expert_idx, weights, w_gate, w_up, w_down)
@@ -80,6 +80,25 @@ def test_grouped_equals_reference_values_and_gradients(routing, blocks):
         assert_close(grad, ref, 1e-5, name)
 
 
+@pytest.mark.parametrize("capacity", [6, 15, 48, 93])  # 93 > M: every row in a slot, no overflow
+def test_grouped_equals_reference_for_any_split_between_slots_and_overflow(capacity):
+    expert_idx, args = _inputs(4)
+    value, grads = _value_and_grads("grouped", (8, 3, capacity))(*args, expert_idx)
+    ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        assert_close(grad, ref, 1e-5, name)
+
+
+def test_grouped_capacity_is_a_positive_multiple_of_the_tail():
+    _, (x, _, w_gate, w_up, w_down) = _inputs()
+    sizes = jnp.full((E,), 2 * N // E, jnp.int32)
+    for capacity in (0, 4):
+        with pytest.raises(ValueError, match="capacity must be a positive multiple of tail_rows"):
+            grouped_ffn(x, sizes, w_gate, w_up, w_down, capacity=capacity, tail_rows=3)
+    assert _grouped.default_capacity(128, 16) >= 128  # the even split fits in the slots
+
+
 @pytest.mark.parametrize("routing", ["random", "empty-groups", "all-to-last"])
 def test_ragged_equals_reference_values_and_gradients(routing):
     """The path `auto` takes on GPU and TPU (`jax.lax.ragged_dot`), checked on CPU."""
@@ -96,7 +115,7 @@ def test_grouped_kernel_runs_each_expert_on_exactly_its_rows():
     _, (x, _, w_gate, w_up, w_down) = _inputs(1)
     group_sizes = jnp.array([7, 0, 0, 20, 1, 0, 13, 0], jnp.int32)  # 41 of the 45 rows
     kernel = functools.partial(grouped_ffn, group_sizes=group_sizes, w_gate=w_gate, w_up=w_up,
-                               w_down=w_down, block_rows=8, tail_rows=3)
+                               w_down=w_down, block_rows=8, tail_rows=3, capacity=6)  # 7, 20, 13: overflow
     y, dx = jit(lambda x: (kernel(x), jax.grad(lambda x: jnp.sum(kernel(x)))(x)))(x)
     x, w_gate, w_up, w_down = (np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down))
     bounds = np.cumsum([0, *group_sizes.tolist()])
@@ -290,8 +309,9 @@ def test_grouped_blocks_cover_each_row_once_and_waste_under_r_rows(blocks):
         return run_blocks(block_body, carry)
 
     init = (jnp.zeros(E, jnp.int32), jnp.zeros(m + tail_rows, jnp.int32))
-    rows_run, cover = jit(lambda sizes: _grouped._for_each_expert(sizes, m, block_rows, tail_rows, expert_body,
-                                                                   init))(group_sizes)
+    for_each = lambda sizes: _grouped._for_each_expert(jnp.cumsum(sizes) - sizes, sizes, m, block_rows, tail_rows,
+                                                        expert_body, init)
+    rows_run, cover = jit(for_each)(group_sizes)
     np.testing.assert_array_equal(cover, np.r_[np.ones(m), np.zeros(tail_rows)])  # in-group rows once each
     waste = np.asarray(rows_run - group_sizes)
     assert waste.min() >= 0 and waste.max() < tail_rows, waste
