@@ -113,6 +113,13 @@ def _take(a, index):
     return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
+def _merge(slot_rows, back, loop_rows):
+    """[M, D]: each row from the slots ([E, C, D]) where it has one, else from the loop's
+    buffer ([M + r, D]); the slots replace what the overflow's spilled tails wrote there."""
+    from_slots = _take(slot_rows.reshape(-1, slot_rows.shape[-1]), back)  # zeros past E * C
+    return jnp.where((back < slot_rows.shape[0] * slot_rows.shape[1])[:, None], from_slots, loop_rows[:back.shape[0]])
+
+
 def _expert(w, e):
     return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
 
@@ -131,7 +138,7 @@ def _expert_gate_up(w_gate, w_up, e):
 
 def _forward(x_sorted, group_sizes, w_gate, w_up, w_down, capacity, block_rows, tail_rows):
     """y [M, D] and the slots' gate and up pre-activations [E, C, F] (the backward's residuals)."""
-    m, d = x_sorted.shape
+    m = x_sorted.shape[0]
     f = w_gate.shape[-1]
     take, back, (over_starts, over_sizes) = _slots(group_sizes, m, capacity)
     x_slots = _take(x_sorted, take)  # [E, C, D]
@@ -150,8 +157,7 @@ def _forward(x_sorted, group_sizes, w_gate, w_up, w_down, capacity, block_rows, 
         return run_blocks(block_body, y)
 
     y = _for_each_expert(over_starts, over_sizes, m, block_rows, tail_rows, expert_body, jnp.zeros_like(x))
-    # the slots' rows replace what the overflow's spilled tails wrote there
-    y = jnp.where((back < take.size)[:, None], _take(y_slots.reshape(-1, d), back), y[:m])
+    y = _merge(y_slots, back, y)
     grouped = jnp.arange(m) < jnp.sum(group_sizes)  # [M]: rows past the last group stay 0
     return jnp.where(grouped[:, None], y, 0), (gate, up)
 
@@ -224,7 +230,7 @@ def _backward(capacity, block_rows, tail_rows, residuals, dy):
 
     dx, dw_gate, dw_up, dw_down = _for_each_expert(over_starts, over_sizes, m, block_rows, tail_rows, expert_body,
                                                    (jnp.zeros_like(x), dw_gate, dw_up, dw_down))
-    dx = jnp.where((back < take.size)[:, None], _take(dx_slots.reshape(-1, d), back), dx[:m])
+    dx = _merge(dx_slots, back, dx)
     return dx, None, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype), dw_down.astype(w_down.dtype)
 
 
@@ -240,8 +246,9 @@ def grouped_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, capacity: int | 
     w_down: [E, F, D] -> [M, D]. Differentiable in x and the three weights.
     Use as `moe.sorted_experts(grouped_ffn)`. capacity (C, a positive multiple
     of r): the rows per expert run in the batched matmuls, `default_capacity`
-    of M / E when None, never more than M. block_rows (R) and tail_rows (r) shape the overflow's blocks:
-    loop overhead against wasted rows (at most r - 1 per expert).
+    of M / E when None, never more than M. block_rows (R) and tail_rows (r)
+    shape the overflow's blocks: loop overhead against wasted rows (at most
+    r - 1 per expert).
     """
     if not 0 < tail_rows <= block_rows:
         raise ValueError(f"need 0 < tail_rows <= block_rows, got {tail_rows} and {block_rows}")
