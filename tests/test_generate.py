@@ -372,8 +372,9 @@ def test_decode_step_updates_the_cache_in_place(batch):
     assert per_layer == (split and batch > 1)
 
 
-# a row; few rows (transposed matmuls); many (plain), alone or with halved blocks down to 4 rows
-@pytest.mark.parametrize("block, tail", [(1, None), (4, None), (64, None), (32, 4)])
+# a row; few rows (transposed matmuls), alone or a head block twice the tail (decode's from 4 rows
+# per expert); many (plain), alone or with halved blocks down to 4 rows
+@pytest.mark.parametrize("block, tail", [(1, None), (4, None), (8, 4), (64, None), (32, 4)])
 @pytest.mark.parametrize("out_in", [False, True])
 def test_blocked_ffn_equals_reference_experts(block, tail, out_in):
     """Prefill and decode's expert path equals every-expert-on-every-token, in both weight layouts."""
