@@ -88,7 +88,7 @@ def inference_experts_fn(config, num_rows: int, experts_fn=None, split: bool = F
     if impl != "grouped":
         return experts_fn_for(impl)
     pairs, experts = num_rows * config.num_experts_per_tok, config.num_local_experts
-    even = 1 << (-(-pairs // experts) - 1).bit_length()
+    even = 1 << (-(-pairs // experts) - 1).bit_length()  # s: rows per expert, rounded up to a power of two
     if even >= 4:
         block, tail = min(256, 2 * even), min(even, TAIL_ROWS)
     else:
