@@ -81,11 +81,15 @@ def _for_each_expert(starts, sizes, num_rows: int, block_rows: int, tail_rows: i
     return jax.lax.fori_loop(0, sizes.shape[0], expert_step, carry)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def default_capacity(rows_per_expert: int, tail_rows: int = TAIL_ROWS) -> int:
     """C for experts that get `rows_per_expert` rows on average: that rounded up to a
     multiple of r, plus r (room for the imbalance of random routing: bench-tiny's MoE
     layer 1.1x faster than without)."""
-    return -(-rows_per_expert // tail_rows) * tail_rows + tail_rows
+    return _round_up(rows_per_expert, tail_rows) + tail_rows
 
 
 def _slots(group_sizes, num_rows: int, capacity: int):
@@ -257,7 +261,7 @@ def grouped_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, capacity: int | 
         capacity = default_capacity(-(-num_rows // num_experts), tail_rows)
     if capacity <= 0 or capacity % tail_rows:
         raise ValueError(f"capacity must be a positive multiple of tail_rows ({tail_rows}), got {capacity}")
-    capacity = min(capacity, -(-num_rows // tail_rows) * tail_rows)  # slots past M would stay empty
+    capacity = min(capacity, _round_up(num_rows, tail_rows))  # slots past M would stay empty
     precision = jax.config.jax_default_matmul_precision  # the caller's, for the backward's matmuls too
     return _grouped(x_sorted, group_sizes.astype(jnp.int32), w_gate, w_up, w_down, capacity, block_rows,
                     tail_rows, precision)

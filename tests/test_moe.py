@@ -68,26 +68,26 @@ def _value_and_grads(impl, blocks=None):
     return jit(jax.value_and_grad(loss, argnums=range(5)))
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
-@pytest.mark.parametrize("routing", ROUTINGS)
-def test_grouped_equals_reference_values_and_gradients(routing, blocks):
-    expert_idx, args = _inputs()
-    expert_idx = ROUTINGS[routing](expert_idx)
-    value, grads = _value_and_grads("grouped", BLOCKS[blocks])(*args, expert_idx)
+def _assert_equals_reference(impl, expert_idx, args, blocks=None):
+    """impl's MoE output and gradients (x, routing weights, the three expert weights) equal the reference's."""
+    value, grads = _value_and_grads(impl, blocks)(*args, expert_idx)
     ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
         assert_close(grad, ref, 1e-5, name)
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_grouped_equals_reference_values_and_gradients(routing, blocks):
+    expert_idx, args = _inputs()
+    _assert_equals_reference("grouped", ROUTINGS[routing](expert_idx), args, BLOCKS[blocks])
 
 
 @pytest.mark.parametrize("capacity", [6, 15, 48, 93])  # 93 > M: every row in a slot, no overflow
 def test_grouped_equals_reference_for_any_split_between_slots_and_overflow(capacity):
     expert_idx, args = _inputs(4)
-    value, grads = _value_and_grads("grouped", (8, 3, capacity))(*args, expert_idx)
-    ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
-        assert_close(grad, ref, 1e-5, name)
+    _assert_equals_reference("grouped", expert_idx, args, (8, 3, capacity))
 
 
 def test_grouped_capacity_is_a_positive_multiple_of_the_tail():
@@ -103,12 +103,7 @@ def test_grouped_capacity_is_a_positive_multiple_of_the_tail():
 def test_ragged_equals_reference_values_and_gradients(routing):
     """The path `auto` takes on GPU and TPU (`jax.lax.ragged_dot`), checked on CPU."""
     expert_idx, args = _inputs(3)
-    expert_idx = ROUTINGS[routing](expert_idx)
-    value, grads = _value_and_grads("ragged")(*args, expert_idx)
-    ref_value, ref_grads = _value_and_grads("reference")(*args, expert_idx)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for name, grad, ref in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
-        assert_close(grad, ref, 1e-5, name)
+    _assert_equals_reference("ragged", ROUTINGS[routing](expert_idx), args)
 
 
 def test_grouped_kernel_runs_each_expert_on_exactly_its_rows():
