@@ -11,10 +11,15 @@ all the new tokens less its time for one (the prefill and first token), so
 alternate in rounds; times are medians and speedups medians of the per-round
 ratios, so a load change on a shared machine hits both.
 
-At batch 1 decode reads every active weight once per token: the bound is
-(bytes of active weights + the KV cache of the average context) / the read
-bandwidth JAX reaches summing a large array; `bound_ratio` is the bound's
-tokens/s over the measured ones (goal <= 2).
+A decode step reads every weight it uses once: the dense ones, the
+experts its rows route to (at batch B, E * (1 - (1 - k/E)^B) per layer under
+uniform routing: the top-k at batch 1, nearly all E at batch 32), and each
+row's embedding and the KV cache of the average context. The bound is B
+tokens per the time those bytes take at the read bandwidth JAX reaches
+summing a large array; `bound_ratio` is the bound's tokens/s over the
+measured ones, at every batch. Its goal (<= 2) is for batch 1; at larger
+batches the matmuls' FLOPs count too, so there the ratio only says how far
+decode is from the memory.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from mixtral_jax.benchmarks.timing import median_seconds
 from mixtral_jax.configtools import UserError, require_positive
 
-GOALS = {"speedup_vs_torch": 3.0, "bound_ratio": 2.0}
+GOALS = {"speedup_vs_torch": 3.0, "bound_ratio_at_batch_1": 2.0}
 
 
 def add_arguments(parser):
@@ -55,12 +60,17 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return x.nbytes / median_seconds(jax.jit(jnp.sum), x, repeats=repeats)
 
 
-def bytes_per_token(config, context: float) -> float:
-    """Bytes decode reads for one token of one row: active weights (one embedding row) + its KV cache."""
+def bytes_per_step(config, batch: int, context: float) -> float:
+    """Bytes a decode step of `batch` rows reads: the dense weights once, the experts its rows
+    route to (expected distinct experts under uniform top-k routing), and per row one embedding
+    row and the KV cache of `context` tokens."""
     itemsize = jnp.dtype(config.param_dtype).itemsize
-    weights = config.num_active_params - (config.vocab_size - 1) * config.hidden_size
-    cache = 2 * config.num_hidden_layers * config.kv_dim * context * jnp.dtype(config.dtype).itemsize
-    return weights * itemsize + cache
+    layers, experts, d = config.num_hidden_layers, config.num_local_experts, config.hidden_size
+    expert_params = 3 * d * config.intermediate_size
+    dense = config.num_params - config.vocab_size * d - layers * experts * expert_params
+    routed = experts * (1 - (1 - config.num_experts_per_tok / experts) ** batch)  # per layer
+    cache = 2 * layers * config.kv_dim * context * jnp.dtype(config.dtype).itemsize
+    return (dense + layers * routed * expert_params + batch * d) * itemsize + batch * cache
 
 
 def _timed(fn):
@@ -176,10 +186,8 @@ def run(args) -> dict:
             prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
             entry = {"preset": name, "batch": batch,
                      **measure(config, model, prompts, args.new_tokens, args.repeats, torch=not args.no_torch)}
-            if batch == 1:
-                context = args.prompt_len + args.new_tokens / 2
-                bound = bandwidth / bytes_per_token(config, context)
-                entry["bandwidth_bound_tokens_per_s"] = round(bound, 1)
-                entry["bound_ratio"] = round(bound / entry["jax"]["decode_tokens_per_s"], 2)
+            bound = batch * bandwidth / bytes_per_step(config, batch, args.prompt_len + args.new_tokens / 2)
+            entry["bandwidth_bound_tokens_per_s"] = round(bound, 1)
+            entry["bound_ratio"] = round(bound / entry["jax"]["decode_tokens_per_s"], 2)
             report["results"].append(entry)
     return report

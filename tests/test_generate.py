@@ -393,7 +393,8 @@ def test_blocked_ffn_equals_reference_experts(block, tail, out_in):
 
 def test_bench_decode_reports_both_sides_and_the_bound():
     """`bench decode` on a tiny preset: every documented number, the speedup is the ratio of
-    the two decode rates (one round: no median to differ), the bound ratio the bound over JAX's."""
+    the two decode rates (one round: no median to differ), and at every batch the bound ratio
+    is the bound over JAX's rate."""
     import argparse
 
     from mixtral_jax.infer import bench
@@ -408,10 +409,26 @@ def test_bench_decode_reports_both_sides_and_the_bound():
         assert min(jax_side.values()) > 0 and min(torch_side.values()) > 0
         ratio = jax_side["decode_tokens_per_s"] / torch_side["decode_tokens_per_s"]
         assert entry["speedup_vs_torch"] == pytest.approx(ratio, rel=0.02, abs=0.01)
-    first = report["results"][0]
-    assert first["bound_ratio"] == pytest.approx(
-        first["bandwidth_bound_tokens_per_s"] / first["jax"]["decode_tokens_per_s"], rel=0.02)
-    assert "bound_ratio" not in report["results"][1]
+        assert entry["bound_ratio"] == pytest.approx(
+            entry["bandwidth_bound_tokens_per_s"] / jax_side["decode_tokens_per_s"], rel=0.02)
+
+
+def test_decode_bytes_per_step_count_the_experts_a_batch_reaches():
+    """Batch 1 reads the active weights (one embedding row) and its cache; a large batch reads
+    every expert once and each row's embedding row and cache."""
+    from mixtral_jax.infer.bench import bytes_per_step
+
+    config = mj.preset("bench-small")
+    d, itemsize = config.hidden_size, 4  # float32 weights and cache
+    cache = 2 * config.num_hidden_layers * config.kv_dim * 100 * itemsize  # one row, 100 tokens
+    assert bytes_per_step(config, 1, 100) == pytest.approx(
+        (config.num_active_params - (config.vocab_size - 1) * d) * itemsize + cache)
+    every_expert = (config.num_params - config.vocab_size * d + 1000 * d) * itemsize + 1000 * cache
+    assert bytes_per_step(config, 1000, 100) == pytest.approx(every_expert)
+    # 32 rows, top-2 of 8: 8 * (1 - 0.75^32) = 7.992 experts per layer, not 32 * 2
+    expert_bytes = config.num_hidden_layers * 3 * d * config.intermediate_size * itemsize
+    assert bytes_per_step(config, 32, 100) == pytest.approx(
+        every_expert - 968 * (d * itemsize + cache) - 8 * 0.75**32 * expert_bytes)
 
 
 def test_chat_answers_each_turn_with_the_whole_conversation(tmp_path, capsys, monkeypatch):
