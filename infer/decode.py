@@ -52,6 +52,11 @@ def cache_size(config, prompt_len: int, buffer: int) -> int:
     return min(size, config.sliding_window) if config.sliding_window else size
 
 
+def bucket(n: int, minimum: int) -> int:
+    """The power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
 def splits_weights(config) -> bool:
     """Whether generation on one device keeps `split_layers`' copy of the weights: on CPU, for
     the `blocked_ffn` expert path (moe_impl auto or grouped)."""
@@ -88,11 +93,11 @@ def inference_experts_fn(config, num_rows: int, experts_fn=None, split: bool = F
     if impl != "grouped":
         return experts_fn_for(impl)
     pairs, experts = num_rows * config.num_experts_per_tok, config.num_local_experts
-    even = 1 << (-(-pairs // experts) - 1).bit_length()  # s: rows per expert, rounded up to a power of two
+    even = bucket(-(-pairs // experts), 1)  # s: rows per expert, rounded up to a power of two
     if even >= 4:
         block, tail = min(256, 2 * even), min(even, TAIL_ROWS)
     else:
-        block = tail = 1 << (-(-2 * pairs // experts) - 1).bit_length()
+        block = tail = bucket(-(-2 * pairs // experts), 1)
     return sorted_experts(functools.partial(blocked_ffn, block=block, tail=tail, out_in=split))
 
 

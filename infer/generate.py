@@ -28,6 +28,7 @@ from flax import nnx
 
 from mixtral_jax.configtools import UserError, is_integer
 from mixtral_jax.infer import decode as programs
+from mixtral_jax.infer.decode import bucket
 from mixtral_jax.infer.sampling import SEED_LIMIT, check_seeds, make_sampler, row_keys
 
 MIN_PROMPT_BUCKET = 16
@@ -66,11 +67,6 @@ class Batch(NamedTuple):
     rows: programs.Rows
     sampler: object  # a `sampling` strategy
     buffer: int  # new-token slots N
-
-
-def bucket(n: int, minimum: int) -> int:
-    """The power of two >= max(n, minimum)."""
-    return 1 << (max(n, minimum) - 1).bit_length()
 
 
 def batch_rows(count: int, multiple: int) -> int:

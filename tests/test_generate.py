@@ -428,7 +428,7 @@ def test_decode_bytes_per_step_count_the_experts_a_batch_reaches():
     # 32 rows, top-2 of 8: 8 * (1 - 0.75^32) = 7.992 experts per layer, not 32 * 2
     expert_bytes = config.num_hidden_layers * 3 * d * config.intermediate_size * itemsize
     assert bytes_per_step(config, 32, 100) == pytest.approx(
-        every_expert - 968 * (d * itemsize + cache) - 8 * 0.75**32 * expert_bytes)
+        every_expert - (1000 - 32) * (d * itemsize + cache) - 8 * 0.75**32 * expert_bytes)
 
 
 def test_chat_answers_each_turn_with_the_whole_conversation(tmp_path, capsys, monkeypatch):
