@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="settings: max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size, "
                              "seq_len, tokenizer, compile_cache, mesh.*, distributed.*, model.*")
+    parser.set_defaults(settings="mixtral_jax.infer.runtime:InferenceConfig")
 
 
 def read_config(args) -> InferenceConfig:

@@ -4,7 +4,8 @@ Only the chosen subcommand's module is imported, so `mixtral-jax --help`
 answers instantly. A `UserError` (or a config error) becomes one line on
 stderr and exit status 2, and so does an `OSError` that escapes a command (a
 path of the wrong kind, no permission, a full disk: "error: PATH: reason");
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A setting typed as an
+option (`--max-new-tokens 20`) is answered with the KEY=VALUE word it takes.
 """
 
 from __future__ import annotations
@@ -42,11 +43,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """--config NAME_OR_PATH and trailing dotted key=value overrides."""
+    """--config NAME_OR_PATH and trailing dotted key=value overrides of a training run config."""
     parser.add_argument("--config", default=default,
                         help="YAML run config: a path, or a name from configs/ (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. train.steps=3 mesh.expert=8")
+    parser.set_defaults(settings="mixtral_jax.train.config:RunConfig")
+
+
+def _as_setting(args, option: str, argv: list[str]) -> str | None:
+    """The KEY=VALUE word(s) for `option`, an option argparse does not know (`--steps 3` ->
+    "train.steps=3"), when the command's settings (`args.settings`, "module:Class", set by
+    its parser) have a field so named; else None."""
+    if not getattr(args, "settings", None):
+        return None
+    name, _, value = option[2:].partition("=")
+    following = argv[argv.index(option) + 1:][:1]
+    if not value and following and not following[0].startswith("-") and "=" not in following[0]:
+        value = following[0]
+    from mixtral_jax.configtools import field_paths
+
+    module, _, cls = args.settings.partition(":")
+    paths = field_paths(getattr(importlib.import_module(module), cls), name.replace("-", "_"))
+    return " or ".join(f"{path}={value or 'VALUE'}" for path in paths) or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value settings on both sides of an option: argparse takes only the first run
+        option = next((item for item in extra if item.startswith("--") and len(item) > 2), None)
+        if option and (setting := _as_setting(args, option, argv)):
+            print(f"mixtral-jax {args.command}: error: {option} is not an option; settings are KEY=VALUE "
+                  f"words: {setting}", file=sys.stderr)
+            return 2
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.parse_args(argv)  # exits with argparse's own message for what it does not know
         args.overrides = [*args.overrides, *extra]

@@ -77,6 +77,20 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def field_paths(cls, name: str, prefix: str = "") -> list[str]:
+    """The dotted keys of the fields called `name` in dataclass `cls` and the dataclasses its
+    fields hold (an optional one included): field_paths(RunConfig, "steps") == ["train.steps"]."""
+    paths = []
+    for field, hint in typing.get_type_hints(cls).items():
+        key = f"{prefix}{field}"
+        if field == name:
+            paths.append(key)
+        for nested in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(nested):
+                paths += field_paths(nested, name, f"{key}.")
+    return paths
+
+
 def merge(base: dict, update: dict) -> dict:
     """Deep-merges `update` into a copy of `base`."""
     out = dict(base)

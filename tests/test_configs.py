@@ -61,3 +61,31 @@ def test_info_reports_the_presets_counts_and_refuses_a_bad_length(capsys):
     capsys.readouterr()
     assert main(["info", "--preset", "tiny", "--seq-len", "-5"]) == 2
     assert capsys.readouterr().err.strip() == "mixtral-jax info: error: --seq-len must be positive, got -5"
+
+
+def test_a_setting_typed_as_an_option_is_answered_with_its_key_value_word(capsys):
+    from mixtral_jax.cli import main
+    from mixtral_jax.configtools import field_paths
+    from mixtral_jax.infer.runtime import InferenceConfig
+    from mixtral_jax.train.config import RunConfig
+
+    assert field_paths(RunConfig, "steps") == ["train.steps"]
+    assert field_paths(RunConfig, "seed") == ["data.seed", "train.seed"]
+    assert field_paths(InferenceConfig, "expert") == ["mesh.expert"]  # through an optional section
+    cases = [
+        (["train", "--steps", "3"], "--steps is not an option; settings are KEY=VALUE words: train.steps=3"),
+        (["train", "--config", "tiny", "--seed=4"], "--seed=4 is not an option; settings are KEY=VALUE words: "
+                                                    "data.seed=4 or train.seed=4"),
+        (["generate", "--checkpoint", "run", "--max-new-tokens", "20", "--prompt", "hi"],
+         "--max-new-tokens is not an option; settings are KEY=VALUE words: max_new_tokens=20"),
+        (["batch", "--checkpoint", "run", "--input", "in", "--output", "out", "seed=1", "--top-p"],
+         "--top-p is not an option; settings are KEY=VALUE words: top_p=VALUE"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2  # before anything loads: the checkpoint and files need not exist
+        assert capsys.readouterr().err.strip() == f"mixtral-jax {argv[0]}: error: {message}"
+    for argv in (["generate", "--checkpoint", "run", "--prompt", "hi", "--temprature", "0"],  # no such setting
+                 ["info", "--preset", "tiny", "--steps", "3"]):  # no run config behind info
+        with pytest.raises(SystemExit):  # argparse's own "unrecognized arguments"
+            main(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
