@@ -53,18 +53,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = 
 
 def _as_setting(args, option: str, argv: list[str]) -> str | None:
     """The KEY=VALUE word(s) for `option`, an option argparse does not know (`--steps 3` ->
-    "train.steps=3"), when the command's settings (`args.settings`, "module:Class", set by
-    its parser) have a field so named; else None."""
+    "train.steps=3", `--dtype bfloat16` -> "model.dtype=bfloat16"), when the command's
+    settings (`args.settings`, "module:Class", set by its parser) or their `model` section
+    (MixtralConfig's fields) have a field so named; else None."""
     if not getattr(args, "settings", None):
         return None
     name, _, value = option[2:].partition("=")
     following = argv[argv.index(option) + 1:][:1]
     if not value and following and not following[0].startswith("-") and "=" not in following[0]:
         value = following[0]
+    from mixtral_jax.config import MixtralConfig
     from mixtral_jax.configtools import field_paths
 
     module, _, cls = args.settings.partition(":")
-    paths = field_paths(getattr(importlib.import_module(module), cls), name.replace("-", "_"))
+    settings, key = getattr(importlib.import_module(module), cls), name.replace("-", "_")
+    paths = field_paths(settings, key) or field_paths(MixtralConfig, key, "model.")  # every settings class has `model`
     return " or ".join(f"{path}={value or 'VALUE'}" for path in paths) or None
 
 

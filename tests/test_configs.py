@@ -80,6 +80,10 @@ def test_a_setting_typed_as_an_option_is_answered_with_its_key_value_word(capsys
          "--max-new-tokens is not an option; settings are KEY=VALUE words: max_new_tokens=20"),
         (["batch", "--checkpoint", "run", "--input", "in", "--output", "out", "seed=1", "--top-p"],
          "--top-p is not an option; settings are KEY=VALUE words: top_p=VALUE"),
+        (["eval", "--checkpoint", "run", "--data", "d.jsonl", "--dtype", "bfloat16"],  # the model section's
+         "--dtype is not an option; settings are KEY=VALUE words: model.dtype=bfloat16"),
+        (["train", "--num-hidden-layers=3"],
+         "--num-hidden-layers=3 is not an option; settings are KEY=VALUE words: model.num_hidden_layers=3"),
     ]
     for argv, message in cases:
         assert main(argv) == 2  # before anything loads: the checkpoint and files need not exist
