@@ -12,7 +12,8 @@ from flax import nnx
 
 from mixtral_jax.config import MixtralConfig, preset
 from mixtral_jax.configtools import is_integer
-from mixtral_jax.layers import EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, dense, param
+from mixtral_jax.layers import (EMBED, LAYERS, VOCAB, Attention, KVCache, RMSNorm, constrain, dense, dense_reverse,
+                                param)
 from mixtral_jax.moe import MoE, MoEAux, ExpertsFn, experts_fn_for, load_balancing_loss, router_z_loss
 
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
@@ -95,7 +96,7 @@ class Mixtral(nnx.Module):
 
     def forward(self, tokens, positions=None, *, segment_ids=None, token_mask=None,
                 cache: KVCache | None = None, experts_fn: ExpertsFn | None = None,
-                last_only: bool = False, unroll_layers: bool = False) -> ModelOutput:
+                last_only: bool = False, unroll_layers: bool = False, reverse_only: bool = False) -> ModelOutput:
         """The full forward pass.
 
         tokens: [B, T] int32. positions: [B, T] (default 0..T-1; -1 marks left
@@ -108,12 +109,15 @@ class Mixtral(nnx.Module):
         of the last position only, [B, 1, V] (a prefill needs no more).
         unroll_layers: the layer loop unrolled (static per-layer slices, which XLA
         can forward from per-layer buffers: decoding on CPU copies no weights).
+        reverse_only: differentiated in reverse mode only (a training loss): the LM
+        head is then `dense_reverse`, its backward's two matmuls ordered.
         """
         with jax.default_matmul_precision(self.config.matmul_precision):  # read when the dots are traced
             return self._forward(tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only,
-                                 unroll_layers)
+                                 unroll_layers, reverse_only)
 
-    def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers):
+    def _forward(self, tokens, positions, segment_ids, token_mask, cache, experts_fn, last_only, unroll_layers,
+                 reverse_only):
         config = self.config
         if isinstance(tokens, str):
             raise ValueError("tokens are integer ids [batch, seq]: encode text with a tokenizer first")
@@ -159,7 +163,8 @@ class Mixtral(nnx.Module):
             (x, cache), aux = jax.lax.scan(layer_step, (x, cache), (layer_state, layer_index),
                                            unroll=unroll_layers)
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = dense(x, self.lm_head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
+        head = dense_reverse if reverse_only else dense
+        logits = head(x, self.lm_head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
         return ModelOutput(logits, aux, cache)
 
     def aux_loss(self, aux: MoEAux):

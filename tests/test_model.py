@@ -10,7 +10,7 @@ from flax import nnx
 
 from mixtral_jax import ConfigError, Mixtral, MixtralConfig, init, preset
 from mixtral_jax.config import from_section
-from mixtral_jax.layers import SKINNY_ROWS, _skinny_rows, dense, matmul
+from mixtral_jax.layers import SKINNY_ROWS, _skinny_rows, dense, dense_reverse, matmul
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -198,6 +198,45 @@ def test_dense_derivatives_equal_autodiff_of_the_matmul():
                                rtol=1e-6, atol=1e-6)
     hvp = lambda f: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.sin(f(x, w)))), (w,), (dw,))[1]
     np.testing.assert_allclose(hvp(dense), hvp(plain), rtol=1e-5, atol=1e-6)
+
+
+def _entry_operands(hlo: str) -> dict[str, list[str]]:
+    """{instruction: its operands} of a compiled HLO module's entry computation."""
+    graph = {}
+    for line in hlo[hlo.index("\nENTRY"):].splitlines()[1:]:
+        found = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = [^(]*\((.*)", line)
+        if found:
+            graph[found[1]] = re.findall(r"%([\w.\-]+)", re.split(r", (?:calls|metadata|backend_config)=", found[2])[0])
+    return graph
+
+
+def _reaches(graph: dict[str, list[str]], start: str, target: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name == target:
+            return True
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, []))
+    return False
+
+
+def test_dense_reverse_gives_dense_gradients_with_the_weight_gradient_after_the_input_gradient():
+    """The same bits as `dense` in reverse mode; compiled, the weight gradient's matmul depends
+    on the input gradient's (with `dense` the two are independent, free to run side by side)."""
+    x = jax.random.normal(jax.random.key(0), (2, 24, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 40))
+    grads = {f: jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
+             for f in (dense, dense_reverse)}
+    for ours, ref in zip(grads[dense_reverse](x, w), grads[dense](x, w)):
+        np.testing.assert_array_equal(ours, ref)
+    for f, ordered in ((dense_reverse, True), (dense, False)):
+        graph = _entry_operands(grads[f].lower(x, w).compile().as_text())
+        (root,) = [name for name, operands in graph.items() if name.startswith("tuple")]
+        dx, dw = graph[root]
+        dx = graph[dx][0] if dx.startswith("bitcast") else dx  # [N, D] -> [B, T, D]
+        assert _reaches(graph, dw, dx) == ordered
 
 
 def test_skinny_rows_follow_the_cpu():

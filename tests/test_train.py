@@ -21,7 +21,8 @@ from mixtral_jax.train.config import TrainConfig, load_run_config
 from mixtral_jax.train.main import PREEMPTED_EXIT_CODE, train
 from mixtral_jax.train.metrics import read_metrics
 from mixtral_jax.train.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
-from mixtral_jax.train.step import UNROLL_MAX_LAYERS, init_state, make_train_step, unrolls_layers
+from mixtral_jax.train.step import (UNROLL_MAX_LAYERS, StateLayout, init_state, make_train_step, split_layers,
+                                    unrolls_layers)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +102,10 @@ def test_weight_decay_leaves_norm_scales_alone():
     def step_with_zero_gradients(params):
         updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
         return optax.apply_updates(params, updates)
+
+    layers = mj.preset("tiny").num_hidden_layers  # the same choices for per-layer buffers
+    split_mask = decay_mask(split_layers(params, layers))
+    assert split_mask == {**mask, "layers": jax.tree.map(lambda decayed: (decayed,) * layers, mask["layers"])}
 
     new = step_with_zero_gradients(params)
     np.testing.assert_array_equal(new["layers"]["attn_norm"]["weight"], 2.0)
@@ -199,6 +204,38 @@ def test_unrolled_layers_give_the_scans_gradients_without_its_loop():
         np.testing.assert_allclose(unrolled_metrics[name], scan_metrics[name], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(unrolled_state.opt_state), jax.tree.leaves(scan_state.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_per_layer_buffers_train_as_the_stacked_state_does_and_save_stacked():
+    """Unrolled, the loop keeps each layer's parameters and moments in buffers of their own:
+    the steps give the stacked state's results bit for bit (the gradient norm to the last bit
+    or one ulp), and saving stacks them back."""
+    config = mj.preset("tiny")
+    graphdef, params = nnx.split(mj.init(config, seed=3))
+    train_cfg = TrainConfig(batch_size=4, seq_len=16, layer_loop="unroll", lr=1e-2, warmup=0)
+    optimizer = make_optimizer(train_cfg)
+    layout = StateLayout(train_cfg, config.num_hidden_layers)
+    assert not StateLayout(TrainConfig(layer_loop="scan"), config.num_hidden_layers).split
+    stacked = init_state(nnx.to_pure_dict(params), optimizer, 0)
+    split = layout.for_steps(stacked)
+    for moment in (split.params, split.opt_state[1][0].mu, split.opt_state[1][0].nu):
+        w_gate = moment["layers"]["moe"]["w_gate"]
+        assert isinstance(w_gate, tuple) and len(w_gate) == config.num_hidden_layers
+        assert w_gate[0].shape == stacked.params["layers"]["moe"]["w_gate"].shape[1:]
+    assert split.params["embed"].shape == stacked.params["embed"].shape
+    jax.tree.map(np.testing.assert_array_equal, layout.for_saving(split), stacked)
+
+    step = make_train_step(graphdef, optimizer, train_cfg)
+    for seed in range(3):  # each step donates its input state
+        batch = random_batch(config.vocab_size, 4, 16, seed=seed)
+        stacked, stacked_metrics = step(stacked, batch)
+        split, split_metrics = step(split, batch)
+        # the gradients' norm sums the per-layer leaves in another order (one ulp apart at most)
+        np.testing.assert_allclose(split_metrics.pop("grad_norm"), stacked_metrics.pop("grad_norm"), rtol=2e-7)
+        jax.tree.map(np.testing.assert_array_equal, split_metrics, stacked_metrics)
+    saved = layout.for_saving(split)
+    assert jax.tree.structure(saved) == jax.tree.structure(stacked)
+    jax.tree.map(np.testing.assert_array_equal, saved, stacked)
 
 
 NONFINITE = ["train.lr=1.0e30", "train.warmup=0", "train.schedule=constant", "train.steps=4",

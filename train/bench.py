@@ -72,13 +72,14 @@ def _jax_trainer(run_cfg, batches):
 
     import mixtral_jax
     from mixtral_jax.checkpoint import param_tree
-    from mixtral_jax.train.step import init_state, make_optimizer, make_train_step
+    from mixtral_jax.train.step import StateLayout, init_state, make_optimizer, make_train_step
 
     model = mixtral_jax.init(run_cfg.model_config, seed=run_cfg.train.seed)
     graphdef = nnx.split(model)[0]
     optimizer = make_optimizer(run_cfg.train)
     make_state = jax.jit(lambda p: init_state(p, optimizer, run_cfg.train.seed), donate_argnums=0)
-    holder = {"state": make_state(param_tree(model))}  # the model's arrays move into the state
+    layout = StateLayout(run_cfg.train, run_cfg.model_config.num_hidden_layers)  # as `mixtral-jax train` keeps it
+    holder = {"state": layout.for_steps(make_state(param_tree(model)))}  # the model's arrays move into the state
     del model
     train_step = make_train_step(graphdef, optimizer, run_cfg.train)
     device_batches = [jax.device_put(b) for b in batches]

@@ -36,7 +36,7 @@ def micro_batch_loss(model, batch: dict, num_loss_tokens, num_micro_batches: int
     """
     out = model.forward(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                         token_mask=(batch["segment_ids"] > 0).astype(jnp.float32), experts_fn=experts_fn,
-                        unroll_layers=unroll_layers)
+                        unroll_layers=unroll_layers, reverse_only=True)
     nll_sum = jnp.sum(token_nll(out.logits, batch["targets"]) * batch["loss_mask"])
     objective = nll_sum / num_loss_tokens + model.aux_loss(out.aux) / num_micro_batches
     return objective, MicroStats(nll_sum, out.aux)

@@ -31,7 +31,8 @@ from mixtral_jax.train.checkpointing import Checkpointer, restore_opt_state
 from mixtral_jax.train.config import RunConfig
 from mixtral_jax.train.data import make_loader
 from mixtral_jax.train.metrics import MetricsLogger
-from mixtral_jax.train.step import TrainState, abstract_train_state, init_state, make_optimizer, make_train_step
+from mixtral_jax.train.step import (StateLayout, TrainState, abstract_train_state, init_state, make_optimizer,
+                                    make_train_step, stack_layers)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the job stopped early, its checkpoint is saved
 
@@ -166,11 +167,13 @@ def train(run: RunConfig) -> dict:
     if data_state is not None:
         loader.set_state(data_state)
     replicated = NamedSharding(mesh, PartitionSpec())
+    layout = StateLayout(train_cfg, config.num_hidden_layers, shardings)
+    state = layout.for_steps(state)
     train_step = make_train_step(graphdef, optimizer, train_cfg, experts_fn=sharding.experts_fn(mesh, config),
-                                 shardings=shardings, batch_sharding=sharding.batch_sharding(mesh),
+                                 shardings=layout.shardings, batch_sharding=sharding.batch_sharding(mesh),
                                  metrics_sharding=replicated)
     start = int(_host(state.step))
-    loop = _Loop(run, checkpointer, start, peak_flops=_peak_flops(run),
+    loop = _Loop(run, checkpointer, start, layout, peak_flops=_peak_flops(run),
                  logger=MetricsLogger(run_dir, train_cfg.steps, enabled=main, resume_step=resume_step))
     stopped_at = None
     try:
@@ -202,7 +205,7 @@ def train(run: RunConfig) -> dict:
 
         summary["plot"] = str(plot_run(run_dir))
         if train_cfg.sample_tokens and jax.process_count() == 1:
-            summary["sample"] = _sample(nnx.merge(graphdef, state.params), tokenizer, train_cfg, mesh)
+            summary["sample"] = _sample(nnx.merge(graphdef, stack_layers(state.params)), tokenizer, train_cfg, mesh)
     return summary
 
 
@@ -218,9 +221,10 @@ def _sample(model, tokenizer, train_cfg, mesh) -> str:
 class _Loop:
     """The host side of the loop: finite checks, metrics, checkpoints."""
 
-    def __init__(self, run: RunConfig, checkpointer: Checkpointer, start: int, *, peak_flops,
-                 logger: MetricsLogger):
+    def __init__(self, run: RunConfig, checkpointer: Checkpointer, start: int, layout: StateLayout, *,
+                 peak_flops, logger: MetricsLogger):
         self.run, self.checkpointer, self.peak_flops, self.logger = run, checkpointer, peak_flops, logger
+        self.layout = layout  # how the loop's state is kept; checkpoints hold it stacked
         t = run.train
         self.tokens_per_step = t.batch_size * t.seq_len
         self.flops_per_token = run.model_config.flops_per_token(t.seq_len)
@@ -247,7 +251,7 @@ class _Loop:
     def save(self, step: int, state: TrainState, data_state: dict) -> None:
         """Checkpoints `step` unless it is already saved (call after finish_pending)."""
         if step != self.last_saved:
-            self.checkpointer.save(step, state, data_state)
+            self.checkpointer.save(step, self.layout.for_saving(state), data_state)
             self.last_saved = step
 
     def _check(self, step: int, metrics: dict) -> None:

@@ -30,11 +30,12 @@ def learning_rate(train: TrainConfig) -> optax.Schedule:
 def decay_mask(params) -> dict:
     """True for the parameters weight decay applies to: all but the RMSNorm scales
     (`.../attn_norm/weight`, `.../moe_norm/weight`, `norm/weight`). Mixtral has no biases.
-    `params` is the nested dict of `checkpoint.param_tree`."""
+    `params` is the nested dict of `checkpoint.param_tree`, its layers stacked or split
+    (`train.step.split_layers`: the path then ends in the layer's index)."""
 
     def decayed(path, _):
-        module = path[-2].key if len(path) > 1 else ""
-        return not str(module).endswith("norm")
+        names = [str(entry.key) for entry in path if hasattr(entry, "key")]
+        return not (len(names) > 1 and names[-2].endswith("norm"))
 
     return jax.tree.map_with_path(decayed, params)
 

@@ -22,7 +22,7 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding import experts_fn
 from mixtral_jax.sharding.mesh import batch_sharding, cache_sharding, check_divisible, use_mesh
 from mixtral_jax.sharding.params import abstract_model
-from mixtral_jax.train.step import abstract_train_state, make_optimizer, make_train_step
+from mixtral_jax.train.step import StateLayout, abstract_train_state, make_optimizer, make_train_step
 
 GIB = 2**30
 ACCELERATORS = {"tpu-v5e": 16 * GIB, "h100": 80 * GIB, "tpu-v5p": 95 * GIB}  # HBM per chip
@@ -50,13 +50,15 @@ def plan_training(config: MixtralConfig, mesh: Mesh, train_cfg) -> dict:
     check_divisible(mesh, config, batch_size=train_cfg.micro_batch_size)
     optimizer = make_optimizer(train_cfg)
     graphdef, state, shardings = abstract_train_state(config, mesh, optimizer)
+    layout = StateLayout(train_cfg, config.num_hidden_layers, shardings)  # as the training loop keeps it
+    state = layout.for_steps(state)
     rows = batch_sharding(mesh)
     shape = (train_cfg.batch_size, train_cfg.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
              for name in ("inputs", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows)
     step = make_train_step(graphdef, optimizer, train_cfg, experts_fn=experts_fn(mesh, config),
-                           shardings=shardings, batch_sharding=rows,
+                           shardings=layout.shardings, batch_sharding=rows,
                            metrics_sharding=NamedSharding(mesh, PartitionSpec()))
     with use_mesh(mesh):
         compiled = step.lower(state, batch).compile()

@@ -4,7 +4,9 @@ A step splits the global batch into `grad_accum` micro-batches, scans over
 them summing gradients, clips, applies AdamW, and returns the new state and
 the step's metrics. A NaN or inf loss or gradient discards the update inside
 the step (the state comes back as it went in, with `step` advanced): the loop
-either stops on it or, with `train.skip_nonfinite`, goes on.
+either stops on it or, with `train.skip_nonfinite`, goes on. Between steps
+the loop keeps each layer's arrays apart when the layers unroll
+(`StateLayout`); checkpoints hold them stacked.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from mixtral_jax.sharding.params import abstract_model
 from mixtral_jax.train.loss import micro_batch_loss
 from mixtral_jax.train.optim import learning_rate, make_optimizer
 
-__all__ = ["TrainState", "make_optimizer", "make_train_step", "init_state", "state_shardings", "unrolls_layers"]
+__all__ = ["TrainState", "make_optimizer", "make_train_step", "init_state", "state_shardings", "unrolls_layers",
+           "StateLayout", "split_layers", "stack_layers"]
 
 
 class TrainState(NamedTuple):
     """Everything a step reads and writes; a pytree, checkpointed whole."""
 
     step: jax.Array  # [] int32: optimizer steps taken
-    params: dict[str, Any]  # the `checkpoint.param_tree` layout: nested dict of arrays
+    params: dict[str, Any]  # the `checkpoint.param_tree` layout, its layers stacked or split (`StateLayout`)
     opt_state: optax.OptState
     rng: jax.Array  # [2] uint32 key data: for stochastic layers (Mixtral has none; kept exact on resume)
 
@@ -82,6 +85,78 @@ def unrolls_layers(layer_loop: str, num_layers: int) -> bool:
     return layer_loop == "unroll"
 
 
+def _under_layers(path) -> bool:
+    return any(getattr(entry, "key", None) == "layers" for entry in path)
+
+
+def _drop_layer_axis(sharding):
+    if sharding is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+
+
+def split_layers(tree, num_layers: int):
+    """Each leaf under a "layers" key, stacked [L, ...], as a tuple of its L layers [...].
+
+    Works on a TrainState (parameters and their moments), on arrays or
+    abstract arrays, and on a tree of NamedShardings (each loses the layer
+    axis, which the sharding rules never split)."""
+
+    def split(path, leaf):
+        if not _under_layers(path):
+            return leaf
+        if isinstance(leaf, jax.sharding.NamedSharding):
+            return (_drop_layer_axis(leaf),) * num_layers
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            layer = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=_drop_layer_axis(leaf.sharding))
+            return (layer,) * num_layers
+        return tuple(leaf[i] for i in range(num_layers))
+
+    return jax.tree_util.tree_map_with_path(split, tree)
+
+
+def stack_layers(tree):
+    """`split_layers` undone: each tuple of per-layer arrays under "layers" stacked into [L, ...];
+    a tree in the stacked layout comes back as it is."""
+    is_split = lambda x: type(x) is tuple and len(x) > 0 and all(hasattr(a, "shape") for a in x)
+    stack = lambda path, leaf: jnp.stack(leaf) if is_split(leaf) and _under_layers(path) else leaf
+    return jax.tree_util.tree_map_with_path(stack, tree, is_leaf=is_split)
+
+
+class StateLayout:
+    """How the loop keeps the TrainState between steps, and the stacked layout checkpoints hold.
+
+    When the step unrolls the layers (`unrolls_layers`), every per-layer array
+    of the parameters and their moments is kept in a buffer of its own
+    (`split_layers`): the step reads each layer's weights where they are,
+    where a stacked [L, ...] array has each layer's slice copied out first and
+    its gradients concatenated back. With the LM head's ordered backward
+    (`layers.dense_reverse`): a bench-tiny step 1.07x faster (121-127 -> 115-117
+    ms, processes alternating, Zen 5), bench-small 1.04x; either alone
+    1.00-1.03x. A scanned step keeps the stack, which the scan reads layer by layer.
+    """
+
+    def __init__(self, train_cfg, num_layers: int, saved_shardings=None):
+        self.split, self.num_layers = unrolls_layers(train_cfg.layer_loop, num_layers), num_layers
+        self.saved_shardings = saved_shardings  # the stacked state's; None: wherever the arrays are
+        self.shardings = split_layers(saved_shardings, num_layers) if self.split else saved_shardings
+        self._to_steps = jax.jit(lambda state: split_layers(state, num_layers), out_shardings=self.shardings)
+        self._to_saved = jax.jit(stack_layers, out_shardings=saved_shardings)
+
+    def for_steps(self, state):
+        """The stacked `state` (a restored or fresh one) as the loop keeps it for the train step:
+        arrays (placed by `shardings`), or abstract arrays to compile for."""
+        if not self.split:
+            return state
+        if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state)):
+            return split_layers(state, self.num_layers)
+        return self._to_steps(state)
+
+    def for_saving(self, state):
+        """The stepped `state` in the stacked layout (new arrays when it was split)."""
+        return self._to_saved(state) if self.split else state
+
+
 def _split_micro_batches(batch: dict, count: int) -> dict:
     """[B, T] -> [count, B / count, T]; micro-batch i takes rows i, i + count, ...
 
@@ -100,6 +175,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
                     metrics_sharding=None):
     """train_step(state, batch) -> (state, metrics), jitted, with the state donated.
 
+    The state's layers may be stacked or split (`StateLayout`); the new state
+    keeps the layout it came in.
+
     graphdef: `nnx.split(model)[0]` (it carries the model config). batch: the
     loader's dict of [B, T] global arrays. metrics: loss (cross-entropy),
     aux_loss (load balancing, unscaled; top_k when balanced), z_loss, grad_norm,
@@ -117,7 +195,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
 
     def micro_step(params, micro, num_loss_tokens):
         def loss_fn(params):
-            model = nnx.merge(graphdef, params)
+            model = nnx.merge(graphdef, stack_layers(params))  # XLA folds a split layer's stack and slice
             unroll = unrolls_layers(train_cfg.layer_loop, model.config.num_hidden_layers)
             return micro_batch_loss(model, micro, num_loss_tokens, count, experts_fn, unroll_layers=unroll)
 
@@ -139,7 +217,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, train_cfg
         return (*totals, num_loss_tokens)
 
     def train_step(state: TrainState, batch: dict):
-        config = nnx.merge(graphdef, state.params).config
+        config = nnx.merge(graphdef, stack_layers(state.params)).config
         objective, stats, grads, num_loss_tokens = accumulate(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
