@@ -80,6 +80,14 @@ def inference_experts_fn(config, num_rows: int, experts_fn=None, split: bool = F
       halved blocks down to the last size rather than one more whole block
       (prefill of 128-token prompts, bench-small: 1.29x / 1.48x / 1.07x faster
       at batch 1 / 8 / 32, Zen 1).
+      At s = 8 (decode at batch 32, 8 experts, top-2) every expert takes one
+      2s-row block unconditionally, and only rows past it go to the loops, under
+      one `lax.cond` for the layer (`blocked_ffn(first_blocks=True)`): an
+      expert's two loops cost more than 2s rows computed for one with s or
+      fewer. Decode at batch 32 1.05-1.07x faster bench-tiny, 1.07-1.085x
+      bench-small (compiled decode loops alternating, Zen 5); not taken at
+      s = 4 (0.92x bench-tiny), s = 16 (bench-tiny 1.05x but bench-small 0.93x:
+      32-row blocks cost it FLOPs) or prefill's larger s (0.72-0.97x).
     - s < 4 (decode of a few rows): blocks of about twice the even split, which
       read most active experts' weights once without computing on padding rows.
     split: the expert weights come as `split_layers` stores them, which only
@@ -98,11 +106,12 @@ def inference_experts_fn(config, num_rows: int, experts_fn=None, split: bool = F
         block, tail = min(256, 2 * even), min(even, TAIL_ROWS)
     else:
         block = tail = bucket(-(-2 * pairs // experts), 1)
-    return sorted_experts(functools.partial(blocked_ffn, block=block, tail=tail, out_in=split))
+    return sorted_experts(functools.partial(blocked_ffn, block=block, tail=tail, out_in=split,
+                                            first_blocks=2 * even == TAIL_ROWS))
 
 
 def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, tail: int | None = None,
-                out_in: bool = False):
+                out_in: bool = False, first_blocks: bool = False):
     """Forward-only grouped SwiGLU over expert-sorted rows (see `moe.sorted_experts`).
 
     Like `_grouped.grouped_ffn`, each expert runs on blocks of its rows in loops
@@ -113,24 +122,42 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, tail
     place instead of copying every iteration.
     x_sorted: [M, D]; group_sizes: [E]; w_gate, w_up: [E, D, F]; w_down: [E, F, D] -> [M, D];
     with out_in, the three are stored [out, in] (`split_layers`): w_gate, w_up [E, F, D],
-    w_down [E, D, F]. tail: `block` when None.
+    w_down [E, D, F]. tail: `block` when None. first_blocks: every expert first runs
+    one `block`-row block from its first row, with no loop (an empty expert's spills
+    into the next groups, which write their rows after it), and only the rows past
+    it run in the loops, masked to their group, when some expert has any.
     """
     rows = x_sorted.shape[0]
     tail = tail or block
-    x = jnp.pad(x_sorted, ((0, tail), (0, 0)))  # [M + r, D]
+    x = jnp.pad(x_sorted, ((0, block if first_blocks else tail), (0, 0)))  # [M + r, D]
     starts = jnp.cumsum(group_sizes) - group_sizes
     heads = head_blocks(rows, block, tail)
     y = jnp.zeros_like(x)
     ffn = _swiglu_out_in if out_in else swiglu
-    for e in range(w_gate.shape[0]):
-        weights = w_gate[e], w_up[e], w_down[e]
+    experts = [(w_gate[e], w_up[e], w_down[e]) for e in range(w_gate.shape[0])]
 
-        def run_block(size, first, end, y, weights=weights):
-            y_block = ffn(jax.lax.dynamic_slice_in_dim(x, first, size), *weights)  # [size, D]
-            return jax.lax.dynamic_update_slice_in_dim(y, y_block, first, axis=0)
+    def run_block(weights, size, first, end, y):
+        y_block = ffn(jax.lax.dynamic_slice_in_dim(x, first, size), *weights)  # [size, D]
+        if first_blocks:  # only the group's own rows: the next group's are written already
+            in_group = (first + jnp.arange(size)) < end
+            y_block = jnp.where(in_group[:, None], y_block, jax.lax.dynamic_slice_in_dim(y, first, size))
+        return jax.lax.dynamic_update_slice_in_dim(y, y_block, first, axis=0)
 
-        y = run_group_blocks(starts[e], group_sizes[e], heads, tail, run_block, y)
-    return y[:rows]
+    if not first_blocks:
+        for e, weights in enumerate(experts):
+            y = run_group_blocks(starts[e], group_sizes[e], heads, tail, functools.partial(run_block, weights), y)
+        return y[:rows]
+    for e, weights in enumerate(experts):
+        y_block = ffn(jax.lax.dynamic_slice_in_dim(x, starts[e], block), *weights)  # [block, D]
+        y = jax.lax.dynamic_update_slice_in_dim(y, y_block, starts[e], axis=0)
+    past = jnp.maximum(group_sizes - block, 0)  # each group's rows past its first block
+
+    def run_past(y):
+        for e, weights in enumerate(experts):
+            y = run_group_blocks(starts[e] + block, past[e], heads, tail, functools.partial(run_block, weights), y)
+        return y
+
+    return jax.lax.cond(jnp.any(past > 0), run_past, lambda y: y, y)[:rows]
 
 
 WEIGHT_LEFT_ROWS = 32  # the most rows `_swiglu_out_in` runs with the weights as left operands

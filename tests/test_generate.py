@@ -373,20 +373,28 @@ def test_decode_step_updates_the_cache_in_place(batch):
 
 
 # a row; few rows (transposed matmuls), alone or a head block twice the tail (decode's from 4 rows
-# per expert); many (plain), alone or with halved blocks down to 4 rows
-@pytest.mark.parametrize("block, tail", [(1, None), (4, None), (8, 4), (64, None), (32, 4)])
+# per expert); many (plain), alone or with halved blocks down to 4 rows; first blocks taken by
+# every expert (one of them empty), with rows past them (the masked loops) and without
+@pytest.mark.parametrize("block, tail, first_blocks", [(1, None, False), (4, None, False), (8, 4, False),
+                                                       (64, None, False), (32, 4, False), (8, 4, True),
+                                                       (64, None, True)])
 @pytest.mark.parametrize("out_in", [False, True])
-def test_blocked_ffn_equals_reference_experts(block, tail, out_in):
+def test_blocked_ffn_equals_reference_experts(block, tail, first_blocks, out_in):
     """Prefill and decode's expert path equals every-expert-on-every-token, in both weight layouts."""
     n, d, f, e = 40, 16, 24, 4
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (n, d))
-    weights, expert_idx = route(jax.random.normal(keys[1], (n, e)), 2)
+    router_logits = jax.random.normal(keys[1], (n, e))
+    if first_blocks:  # expert 1 gets no rows: its first block holds only the next group's rows
+        router_logits = router_logits.at[:, 1].set(-30.0)
+    weights, expert_idx = route(router_logits, 2)
+    assert first_blocks == (not jnp.any(expert_idx == 1))
     w_gate, w_up = (jax.random.normal(k, (e, d, f)) / 4 for k in keys[2:4])
     w_down = jax.random.normal(keys[4], (e, f, d)) / 4
     want = reference_experts(x, expert_idx, weights, w_gate, w_up, w_down)[0]
     stored = [jnp.swapaxes(w, 1, 2) if out_in else w for w in (w_gate, w_up, w_down)]
-    blocked = functools.partial(programs.blocked_ffn, block=block, tail=tail, out_in=out_in)
+    blocked = functools.partial(programs.blocked_ffn, block=block, tail=tail, out_in=out_in,
+                                first_blocks=first_blocks)
     got = jax.jit(sorted_experts(blocked))(x, expert_idx, weights, *stored)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
