@@ -90,8 +90,8 @@ def _under_layers(path) -> bool:
 
 
 def _drop_layer_axis(sharding):
-    if sharding is None:
-        return None
+    if not isinstance(sharding, jax.sharding.NamedSharding):  # None, or one device's: the same for a layer
+        return sharding
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
 
 
