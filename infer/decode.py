@@ -143,21 +143,18 @@ def blocked_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, block: int, tail
             y_block = jnp.where(in_group[:, None], y_block, jax.lax.dynamic_slice_in_dim(y, first, size))
         return jax.lax.dynamic_update_slice_in_dim(y, y_block, first, axis=0)
 
-    if not first_blocks:
+    def run_loops(y, skipped, sizes):  # each group's `sizes` rows after its first `skipped`
         for e, weights in enumerate(experts):
-            y = run_group_blocks(starts[e], group_sizes[e], heads, tail, functools.partial(run_block, weights), y)
-        return y[:rows]
+            y = run_group_blocks(starts[e] + skipped, sizes[e], heads, tail, functools.partial(run_block, weights), y)
+        return y
+
+    if not first_blocks:
+        return run_loops(y, 0, group_sizes)[:rows]
     for e, weights in enumerate(experts):
         y_block = ffn(jax.lax.dynamic_slice_in_dim(x, starts[e], block), *weights)  # [block, D]
         y = jax.lax.dynamic_update_slice_in_dim(y, y_block, starts[e], axis=0)
-    past = jnp.maximum(group_sizes - block, 0)  # each group's rows past its first block
-
-    def run_past(y):
-        for e, weights in enumerate(experts):
-            y = run_group_blocks(starts[e] + block, past[e], heads, tail, functools.partial(run_block, weights), y)
-        return y
-
-    return jax.lax.cond(jnp.any(past > 0), run_past, lambda y: y, y)[:rows]
+    past = jnp.maximum(group_sizes - block, 0)  # [E]: each group's rows past its first block
+    return jax.lax.cond(jnp.any(past > 0), lambda y: run_loops(y, block, past), lambda y: y, y)[:rows]
 
 
 WEIGHT_LEFT_ROWS = 32  # the most rows `_swiglu_out_in` runs with the weights as left operands
