@@ -71,12 +71,21 @@ def _as_setting(args, option: str, argv: list[str]) -> str | None:
     return " or ".join(f"{path}={value or 'VALUE'}" for path in paths) or None
 
 
+def _on_huge_pages(args) -> bool:
+    """Whether the command restarts its process with malloc on huge pages
+    (`allocator.restart_with_huge_pages`): those that time or run training steps."""
+    return args.command == "train" or (args.command == "bench" and args.bench == "train")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script. As the script itself (argv None), a command that
+    runs training steps first restarts the process with malloc on huge pages (`_on_huge_pages`);
+    called with argv (tests, your code), it never restarts."""
     from mixtral_jax.config import ConfigError
     from mixtral_jax.configtools import UserError
     from mixtral_jax.documents import os_error_message
 
+    console = argv is None  # the console script's own process, which may start over
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.parse_args(argv)  # exits with argparse's own message for what it does not know
         args.overrides = [*args.overrides, *extra]
+    if console and _on_huge_pages(args):
+        from mixtral_jax.allocator import restart_with_huge_pages
+
+        restart_with_huge_pages()
     try:
         return _module(args.command).run(args) or 0
     except (UserError, ConfigError, OSError) as err:

@@ -4,12 +4,13 @@ Both sides train the same config in float32 with AdamW and gradient clipping
 on random token batches (the step cost does not depend on the data), the aux
 loss on (transformers: `output_router_logits=True`). The JAX side is the
 project's own jitted `train.step.make_train_step`, in this process, with the
-malloc setting `mixtral-jax train` makes (`allocator.reuse_freed_memory`).
-transformers trains in processes of its own, as its users run it: one with
-glibc's defaults, the goal's baseline (`torch_*`, `speedup_vs_torch`), and one
-given the same malloc setting as ours (`torch_malloc_tuned_*`): sharing this
-process, it used to get that setting without asking, which made its steps
-1.4-1.6x faster on a Zen 4 machine. The three alternate in blocks of steps, so a
+malloc settings `mixtral-jax train` makes (`allocator.reuse_freed_memory`,
+and huge pages when the console script restarts itself with them:
+`huge_pages` says whether it did). transformers trains in processes of its
+own, as its users run it: one with glibc's defaults, the goal's baseline
+(`torch_*`, `speedup_vs_torch`), and one given the same malloc settings as
+ours (`torch_malloc_tuned_*`): sharing this process, it used to get them
+without asking, which made its steps 1.4-1.6x faster on a Zen 4 machine. The three alternate in blocks of steps, so a
 load change on a shared machine hits all of them; step times are medians.
 MFU counts the model's training FLOPs (active experts only) against the
 matmul rate JAX reaches on this machine at the model's compute dtype and
@@ -27,16 +28,17 @@ import time
 
 import numpy as np
 
+from mixtral_jax.allocator import children_on_huge_pages
 from mixtral_jax.configtools import UserError
 
 RESULT_KEYS = (
     "config", "batch_size", "seq_len", "moe_impl", "tokens_per_sec", "step_time_median_s", "mfu",
-    "train_flops_per_token", "matmul_flops_per_sec", "peak_rss_mb", "final_loss", "malloc_tuned",
+    "train_flops_per_token", "matmul_flops_per_sec", "peak_rss_mb", "final_loss", "malloc_tuned", "huge_pages",
     "torch_tokens_per_sec", "torch_step_time_median_s", "torch_mfu", "torch_experts_implementation",
     "speedup_vs_torch", "torch_malloc_tuned_tokens_per_sec", "torch_malloc_tuned_step_time_median_s",
     "torch_malloc_tuned_mfu", "speedup_vs_torch_malloc_tuned", "goals", "meets_goals",
 )
-TORCH_RUNS = {"torch": False, "torch_malloc_tuned": True}  # result key prefix -> reuse_freed_memory()
+TORCH_RUNS = {"torch": False, "torch_malloc_tuned": True}  # result key prefix -> our malloc settings
 GOALS = {"speedup_vs_torch": 1.2, "mfu": 0.70}
 
 
@@ -149,7 +151,8 @@ class TorchProcess:
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_torch_worker, daemon=True,
                                         args=(child, run_cfg, batches, warmup, tune_malloc))
-        self._process.start()
+        with children_on_huge_pages(tune_malloc):  # glibc reads that setting as the process starts
+            self._process.start()
         child.close()
         self.experts_implementation = None
 
@@ -206,7 +209,7 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
     whether it applied): without it, every bench-small step faults in ~2 GB of
     fresh pages (~3.6 s a step becomes ~4.1 s on a Zen 4 machine).
     """
-    from mixtral_jax.allocator import reusing_freed_memory
+    from mixtral_jax.allocator import on_huge_pages, reusing_freed_memory
     from mixtral_jax.benchmarks.timing import matmul_flops_per_second
 
     config, train = run_cfg.model_config, run_cfg.train
@@ -254,6 +257,7 @@ def measure(run_cfg, *, name: str | None = None, torch_steps: int | None = None,
         "peak_rss_mb": peak_rss_mb,
         "final_loss": last_loss(),
         "malloc_tuned": reusing_freed_memory(),
+        "huge_pages": on_huge_pages(),
         "torch_experts_implementation": torch_runs["torch"].experts_implementation if torch_runs else None,
     }
     for prefix in TORCH_RUNS:
