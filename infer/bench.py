@@ -4,9 +4,11 @@ For each bench preset and batch size: compile time (first call minus a warm
 one), time to first token (the prefill program, which samples the first
 token), prefill tokens/s, decode tokens/s (the while_loop program), and the
 same prompts through transformers' `generate` (PyTorch CPU, KV cache, greedy,
-the same random config). transformers' decode rate is its generate time for
-all the new tokens less its time for one (the prefill and first token), so
-`speedup_vs_torch` (goal >= 3) compares decode with decode;
+the same random config), in a process of its own with glibc's malloc
+defaults, as its users run it (`benchmarks.spawned`: sharing this process,
+it got the huge pages the CLI restarts with). transformers' decode rate is
+its generate time for all the new tokens less its time for one (the prefill
+and first token), so `speedup_vs_torch` (goal >= 3) compares decode with decode;
 `end_to_end_speedup_vs_torch` compares whole generate calls. The two sides
 alternate in rounds; times are medians and speedups medians of the per-round
 ratios, so a load change on a shared machine hits both.
@@ -31,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax.allocator import on_huge_pages
+from mixtral_jax.benchmarks.spawned import Spawned
 from mixtral_jax.benchmarks.timing import median_seconds
 from mixtral_jax.configtools import UserError, require_positive
 
@@ -142,9 +146,15 @@ def measure(config, model, prompts: np.ndarray, new_tokens: int, repeats: int, t
     machine between rounds hits both sides)."""
     rows, prompt_len = prompts.shape
     decoded = rows * (new_tokens - 1)
-    jax_side = JaxGeneration(model, prompts, new_tokens)
-    torch_side = TorchGeneration(config, prompts, new_tokens) if torch else None
-    rounds = [(jax_side.round(), torch_side.round() if torch_side else None) for _ in range(repeats)]
+    torch_side = Spawned(TorchGeneration, config, prompts, new_tokens, label="transformers'") if torch else None
+    try:
+        jax_side = JaxGeneration(model, prompts, new_tokens)  # compiles while transformers builds
+        if torch_side:
+            torch_side.wait_ready()
+        rounds = [(jax_side.round(), torch_side.call("round") if torch_side else None) for _ in range(repeats)]
+    finally:
+        if torch_side:
+            torch_side.close()
     prefill_s = statistics.median(j[0] for j, _ in rounds)
     decode_s = statistics.median(j[1] for j, _ in rounds)
     entry = {"jax": {
@@ -176,7 +186,7 @@ def run(args) -> dict:
     if args.new_tokens < 2:  # decode's rate is the time for all new tokens less the time for the first
         raise UserError(f"--new-tokens must be at least 2, got {args.new_tokens}")
     bandwidth = read_bandwidth()
-    report = {"backend": jax.default_backend(), "devices": jax.device_count(),
+    report = {"backend": jax.default_backend(), "devices": jax.device_count(), "huge_pages": on_huge_pages(),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "read_bandwidth_gb_per_s": round(bandwidth / 1e9, 2), "goals": GOALS, "results": []}
     rng = np.random.default_rng(0)

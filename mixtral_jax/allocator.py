@@ -17,14 +17,16 @@ On a CPU backend, `mixtral-jax train` and `bench train` call
 (its decode loop allocates little) and is left alone. In your own process,
 call it first thing: threads that already have an arena keep it.
 
-Huge pages: those two commands also restart themselves once, at once, with
-glibc's `glibc.malloc.hugetlb=1` tunable (`restart_with_huge_pages`), which
-glibc reads only when a process starts. malloc then asks the kernel for
-transparent huge pages, so the step's multi-megabyte buffers take 2 MB pages
-rather than 4 KB ones: a bench-tiny training step 1.02-1.05x faster in six
-pairs of processes, bench-small's 1.02-1.03x in four of five (Zen 5). In
-your own process, start Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-in its environment.
+Huge pages: the commands that run the model (`train`, `generate`, `batch`,
+`eval`, and `bench train`, `decode` and `batch`) restart themselves once, at
+once, with glibc's `glibc.malloc.hugetlb=1` tunable
+(`restart_with_huge_pages`), which glibc reads only when a process starts.
+malloc then asks the kernel for transparent huge pages, so the weights and
+the step's multi-megabyte buffers take 2 MB pages rather than 4 KB ones: a
+bench-tiny training step 1.02-1.05x faster in six pairs of processes,
+bench-small's 1.02-1.03x in four of five, bench-small's decoding at batch 32
+1.01-1.04x in five (Zen 5). In your own process, start Python with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment.
 """
 
 from __future__ import annotations

@@ -73,13 +73,14 @@ def _as_setting(args, option: str, argv: list[str]) -> str | None:
 
 def _on_huge_pages(args) -> bool:
     """Whether the command restarts its process with malloc on huge pages
-    (`allocator.restart_with_huge_pages`): those that time or run training steps."""
-    return args.command == "train" or (args.command == "bench" and args.bench == "train")
+    (`allocator.restart_with_huge_pages`): those that run the model, and their benchmarks."""
+    return args.command in ("train", "generate", "batch", "eval") or (
+        args.command == "bench" and args.bench in ("train", "decode", "batch"))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. As the script itself (argv None), a command that
-    runs training steps first restarts the process with malloc on huge pages (`_on_huge_pages`);
+    runs the model first restarts the process with malloc on huge pages (`_on_huge_pages`);
     called with argv (tests, your code), it never restarts."""
     from mixtral_jax.config import ConfigError
     from mixtral_jax.configtools import UserError

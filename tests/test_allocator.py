@@ -142,18 +142,21 @@ def test_with_the_tunable_malloc_hands_out_huge_pages():
     assert kib[1] < kib[0]
 
 
+TINY_BENCH_TRAIN = ["train", "--config", "bench-tiny", "train.steps=2", "train.batch_size=2", "train.seq_len=16",
+                    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=64",
+                    "model.moe_impl=reference", "--torch-steps", "0", "--matmul-size", "256"]
+TINY_BENCH_DECODE = ["decode", "--presets", "tiny", "--batches", "1", "--prompt-len", "8", "--new-tokens", "4",
+                     "--repeats", "1", "--no-torch"]
+
+
 @pytest.mark.slow
 @glibc_only
-def test_the_console_script_restarts_training_on_huge_pages():
-    """`bench train` from the command line: the process starts over once with the tunable
-    (where it applies) and reports it; the JSON is printed once."""
+@pytest.mark.parametrize("bench", [TINY_BENCH_TRAIN, TINY_BENCH_DECODE], ids=["train", "decode"])
+def test_the_console_script_restarts_on_huge_pages(bench):
+    """`bench train` and `bench decode` from the command line: the process starts over once with
+    the tunable (where it applies) and reports it; the JSON is printed once."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
     env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", "mixtral_jax.cli", "bench", "train", "--config", "bench-tiny",
-               "train.steps=2", "train.batch_size=2", "train.seq_len=16", "model.vocab_size=512",
-               "model.hidden_size=64", "model.intermediate_size=64", "model.moe_impl=reference",
-               "--torch-steps", "0", "--matmul-size", "256"]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    result = json.loads(out)
-    assert result["malloc_tuned"] is True
+    command = [sys.executable, "-m", "mixtral_jax.cli", "bench", *bench]
+    result = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
     assert result["huge_pages"] is (huge_pages_environ(env) is not None)

@@ -10,8 +10,9 @@ and huge pages when the console script restarts itself with them:
 own, as its users run it: one with glibc's defaults, the goal's baseline
 (`torch_*`, `speedup_vs_torch`), and one given the same malloc settings as
 ours (`torch_malloc_tuned_*`): sharing this process, it used to get them
-without asking, which made its steps 1.4-1.6x faster on a Zen 4 machine. The three alternate in blocks of steps, so a
-load change on a shared machine hits all of them; step times are medians.
+without asking, which made its steps 1.4-1.6x faster on a Zen 4 machine.
+The three alternate in blocks of steps, so a load change on a shared machine
+hits all of them; step times are medians.
 MFU counts the model's training FLOPs (active experts only) against the
 matmul rate JAX reaches on this machine at the model's compute dtype and
 matmul precision (fp32 for the bench configs), measured in the same run.
@@ -21,14 +22,13 @@ have run.
 
 from __future__ import annotations
 
-import multiprocessing
 import resource
 import statistics
 import time
 
 import numpy as np
 
-from mixtral_jax.allocator import children_on_huge_pages
+from mixtral_jax.benchmarks.spawned import Spawned
 from mixtral_jax.configtools import UserError
 
 RESULT_KEYS = (
@@ -125,60 +125,45 @@ def _torch_trainer(run_cfg, batches):
     return step, getattr(model.config, "_experts_implementation", None)
 
 
-def _torch_worker(conn, run_cfg, batches, warmup: int, tune_malloc: bool):
-    """A child process's loop: build `_torch_trainer`, run `warmup` steps, then answer each
-    count received with that many step times; 0 ends it."""
-    try:
+class _TorchTrainer:
+    """`_torch_trainer` warmed up by `warmup` steps, for a process of its own; `tune_malloc`: with
+    `allocator.reuse_freed_memory()` first, as `mixtral-jax train` runs."""
+
+    def __init__(self, run_cfg, batches, warmup: int, tune_malloc: bool):
         if tune_malloc:
             from mixtral_jax.allocator import reuse_freed_memory
 
             reuse_freed_memory()
-        step, experts_implementation = _torch_trainer(run_cfg, batches)
+        self._step, self._experts_implementation = _torch_trainer(run_cfg, batches)
         for _ in range(warmup):
-            step()
-        conn.send(("ready", experts_implementation))
-        while count := conn.recv():
-            conn.send(("times", [step() for _ in range(count)]))
-    except Exception as err:  # reported by the parent, which would otherwise wait forever
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+            self._step()
+
+    def experts_implementation(self):
+        """transformers' experts implementation, as its config names it."""
+        return self._experts_implementation
+
+    def steps(self, count: int) -> list[float]:
+        """Seconds of each of `count` more steps."""
+        return [self._step() for _ in range(count)]
 
 
-class TorchProcess:
-    """transformers' trainer in a spawned process of its own; `steps(n)` -> n step times."""
+class TorchProcess(Spawned):
+    """transformers' trainer in a spawned process of its own, with glibc's defaults or (with
+    `tune_malloc`) the malloc settings of `mixtral-jax train`; `steps(n)` -> n step times."""
 
     def __init__(self, run_cfg, batches, *, warmup: int, tune_malloc: bool):
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: glibc's defaults, no JAX state
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_torch_worker, daemon=True,
-                                        args=(child, run_cfg, batches, warmup, tune_malloc))
-        with children_on_huge_pages(tune_malloc):  # glibc reads that setting as the process starts
-            self._process.start()
-        child.close()
+        super().__init__(_TorchTrainer, run_cfg, batches, warmup, tune_malloc, huge_pages=tune_malloc,
+                         label="transformers'")
         self.experts_implementation = None
 
     def wait_ready(self):
         """Blocks until the model is built and warmed up."""
-        self.experts_implementation = self._receive("ready")
+        super().wait_ready()
+        self.experts_implementation = self.call("experts_implementation")
 
     def steps(self, count: int) -> list[float]:
         """Seconds of each of `count` more steps."""
-        self._conn.send(count)
-        return self._receive("times")
-
-    def close(self):
-        """Ends the process."""
-        if self._process.is_alive():
-            self._conn.send(0)
-        self._process.join()
-
-    def _receive(self, expected: str):
-        try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"transformers' process exited (code {self._process.exitcode})") from None
-        if kind != expected:
-            raise RuntimeError(f"transformers' process failed: {payload}")
-        return payload
+        return self.call("steps", count)
 
 
 def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int = 2, seed: int = 0):
