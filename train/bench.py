@@ -11,8 +11,11 @@ own, as its users run it: one with glibc's defaults, the goal's baseline
 (`torch_*`, `speedup_vs_torch`), and one given the same malloc settings as
 ours (`torch_malloc_tuned_*`): sharing this process, it used to get them
 without asking, which made its steps 1.4-1.6x faster on a Zen 4 machine.
-The three alternate in blocks of steps, so a load change on a shared machine
-hits all of them; step times are medians.
+The plain one also depends on this process's pages: beside it holding
+bench-small's ~5 GB on 4 KB pages, its steps ran 1.2-1.4x slower than alone;
+beside huge pages, as fast as alone (Zen 5). The three alternate in blocks
+of steps, so a load change on a shared machine hits all of them; step times
+are medians.
 MFU counts the model's training FLOPs (active experts only) against the
 matmul rate JAX reaches on this machine at the model's compute dtype and
 matmul precision (fp32 for the bench configs), measured in the same run.
