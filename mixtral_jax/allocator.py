@@ -124,7 +124,7 @@ def restart_with_huge_pages() -> None:
 
 def on_huge_pages() -> bool:
     """Whether this process's malloc asks for huge pages (GLIBC_TUNABLES holds `HUGE_PAGES`)."""
-    return HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return HUGE_PAGES in _tunables(os.environ)
 
 
 @contextlib.contextmanager
