@@ -22,6 +22,9 @@ summing a large array; `bound_ratio` is the bound's tokens/s over the
 measured ones, at every batch. Its goal (<= 2) is for batch 1; at larger
 batches the matmuls' FLOPs count too, so there the ratio only says how far
 decode is from the memory.
+
+`native_experts` says whether the experts ran on the native kernel
+(`mixtral_jax.native`; MIXTRAL_JAX_NATIVE=0 times XLA's matmuls instead).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax import native
 from mixtral_jax.allocator import on_huge_pages
 from mixtral_jax.benchmarks.spawned import Spawned
 from mixtral_jax.benchmarks.timing import median_seconds
@@ -187,7 +191,7 @@ def run(args) -> dict:
         raise UserError(f"--new-tokens must be at least 2, got {args.new_tokens}")
     bandwidth = read_bandwidth()
     report = {"backend": jax.default_backend(), "devices": jax.device_count(), "huge_pages": on_huge_pages(),
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "native_experts": native.available(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "read_bandwidth_gb_per_s": round(bandwidth / 1e9, 2), "goals": GOALS, "results": []}
     rng = np.random.default_rng(0)
     for name, config in configs.items():

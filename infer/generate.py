@@ -175,9 +175,9 @@ class Generator:
                             f"{self.config.vocab_size}: its ids would not fit the embedding")
         self.graphdef, self.params = nnx.split(model)
         # XLA:CPU copies weights sliced from stacked arrays: decode from per-layer buffers there
-        self.split = mesh is None and programs.splits_weights(self.config)
-        if self.split:
-            self.params = programs.split_layers(self.params)
+        self.layout = None if mesh is not None else programs.generation_layout(self.config)
+        if self.layout:
+            self.params = programs.split_layers(self.params, self.layout)
         if not is_integer(chunk) or chunk < 1:
             raise UserError(f"chunk must be a positive integer, got {chunk!r}")
         self.tokenizer = tokenizer
@@ -354,13 +354,13 @@ class Generator:
         with self._mesh_context():
             return programs.prefill(self.graphdef, self.params, batch.tokens, batch.positions, batch.rows,
                                     batch.sampler, cache_slots=slots, buffer=batch.buffer,
-                                    experts_fn=self.experts_fn, split=self.split)
+                                    experts_fn=self.experts_fn, layout=self.layout)
 
     def decode(self, state: programs.DecodeState, batch: Batch, until) -> programs.DecodeState:
         """Decodes until every row is done or `until` steps have run (the state is donated)."""
         with self._mesh_context():
             return programs.decode(self.graphdef, self.params, state, batch.rows, batch.sampler, until,
-                                   experts_fn=self.experts_fn, split=self.split)
+                                   experts_fn=self.experts_fn, layout=self.layout)
 
     def _mesh_context(self):
         if self.mesh is None:

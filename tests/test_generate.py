@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
+from mixtral_jax import native
 from mixtral_jax.infer import decode as programs
 from mixtral_jax.infer import sampling
 from mixtral_jax.infer.generate import Generator, Request, generate
@@ -21,6 +22,22 @@ PROMPTS = [[1, 17, 33, 5], [1, 90, 12, 7, 7, 41, 3, 8, 60, 22, 11], [1, 4], [1, 
 @pytest.fixture(scope="module")
 def model():  # the reference MoE compiles fastest; parity runs the default path
     return mj.init(mj.preset("tiny", initializer_range=0.2, moe_impl="reference"), seed=3)
+
+
+@pytest.fixture(params=[programs.PANELS, programs.SPLIT])
+def cpu_layout(request, monkeypatch):
+    """Each layout CPU generation may keep its weights in: PANELS where the native kernel
+    runs, SPLIT (the kernel switched off) everywhere on CPU. Off CPU (no weights of its own:
+    None), one run."""
+    if jax.default_backend() != "cpu":
+        if request.param == programs.SPLIT:
+            pytest.skip("one run off CPU")
+        return None
+    if request.param == programs.PANELS and not native.available():
+        pytest.skip("the native kernel does not build here")
+    if request.param == programs.SPLIT:
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
 
 
 class CharTokenizer:
@@ -45,7 +62,7 @@ class CharTokenizer:
 
 
 @pytest.mark.parametrize("sliding_window", [None, 8])
-def test_greedy_matches_transformers(tmp_path, sliding_window):
+def test_greedy_matches_transformers(tmp_path, sliding_window, cpu_layout):
     torch = pytest.importorskip("torch")
     from hf_utils import make_hf_model
     from mixtral_jax.loading import load
@@ -286,32 +303,34 @@ def test_sampling_settings_are_checked_not_overflowed():
     assert sampling.check_seeds([0, 2**32 - 1]).tolist() == [0, 2**32 - 1]
 
 
-def test_split_weights_restack_exactly_and_cheaply():
+@pytest.mark.parametrize("layout", [programs.SPLIT, programs.PANELS])
+def test_split_weights_restack_exactly_and_cheaply(layout):
     """split_layers then _merge gives the model's own arrays back (expert weights transposed,
-    as blocked_ffn(out_in=True) reads them), with work per leaf
-    (not per row: re-stacking once sliced the embedding row by row, a 60 s compile)."""
+    as blocked_ffn(out_in=True) reads them, or in panels, as panels_ffn does), with work per
+    leaf (not per row: re-stacking once sliced the embedding row by row, a 60 s compile)."""
     model = mj.init(mj.preset("tiny", vocab_size=4096), seed=0)
     graphdef, params = nnx.split(model)
-    split = programs.split_layers(params)
-    merged = nnx.to_pure_dict(nnx.state(programs._merge(graphdef, split, True)))
+    split = programs.split_layers(params, layout)
+    stored = (lambda w: np.swapaxes(w, -1, -2)) if layout == programs.SPLIT else native.to_panels
+    merged = nnx.to_pure_dict(nnx.state(programs._merge(graphdef, split, layout)))
     flat_merged = jax.tree_util.tree_flatten_with_path(merged)[0]
     for (path, got), want in zip(flat_merged, jax.tree.leaves(nnx.to_pure_dict(params)), strict=True):
-        transposed = str(path[-1].key) in ("w_gate", "w_up", "w_down")
-        np.testing.assert_array_equal(got, np.swapaxes(want, -1, -2) if transposed else want)
-    jaxpr = jax.make_jaxpr(lambda p: nnx.state(programs._merge(graphdef, p, True)))(split)
+        expert = str(path[-1].key) in ("w_gate", "w_up", "w_down")
+        np.testing.assert_array_equal(got, stored(want) if expert else want)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.state(programs._merge(graphdef, p, layout)))(split)
     assert len(jaxpr.eqns) < 4 * len(jax.tree.leaves(split))  # 65 leaves; a row-wise restack: > 4096
 
 
 def _compiled_decode(config, prompt_len: int = 3, new_tokens: int = 4, prompts: int = 1):
-    """(the optimized HLO text of the decode loop for `prompts` prompts, whether the generator
-    split the weights, the shape of the cache's keys [L, B, K, H, S])."""
+    """(the optimized HLO text of the decode loop for `prompts` prompts, the layout of the
+    generator's weights, the shape of the cache's keys [L, B, K, H, S])."""
     generator = Generator(mj.init(config, seed=0), eos_ids=[-1])
     batch = generator.prepare([Request(list(range(1 + row, prompt_len + 1 + row)), new_tokens)
                                for row in range(prompts)])
     state = generator.prefill(batch)
     hlo = programs.decode.lower(generator.graphdef, generator.params, state, batch.rows, batch.sampler,
-                                new_tokens, experts_fn=generator.experts_fn, split=generator.split)
-    return hlo.compile().as_text(), generator.split, state.cache.k.shape
+                                new_tokens, experts_fn=generator.experts_fn, layout=generator.layout)
+    return hlo.compile().as_text(), generator.layout, state.cache.k.shape
 
 
 def _loop_body(hlo: str) -> str:
@@ -324,14 +343,15 @@ def _loop_body(hlo: str) -> str:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="generation splits the weights on CPU only")
-def test_cpu_decode_loop_copies_no_expert_weights():
+def test_cpu_decode_loop_copies_no_expert_weights(cpu_layout):
     """XLA:CPU copies a weight sliced out of a stacked array before each matmul; the decode
-    loop must read the split per-expert buffers in place instead."""
+    loop must read the split per-expert buffers (or per-layer panels) in place instead."""
     config = mj.preset("tiny", moe_impl="grouped")
-    hlo, split, _ = _compiled_decode(config)
-    assert split
-    d, f = config.hidden_size, config.intermediate_size
-    weight_shape = re.compile(rf"^\s*f32\[({d},{f}|{f},{d})\]")
+    hlo, layout, _ = _compiled_decode(config)
+    assert layout == cpu_layout
+    d, f, p = config.hidden_size, config.intermediate_size, native.PANEL
+    panels = rf"\d+,{-(-f // p)},{d},{p}|\d+,{-(-d // p)},{f},{p}"
+    weight_shape = re.compile(rf"^\s*f32\[({d},{f}|{f},{d}|{panels})\]")
     copies = [line for line in hlo.splitlines()
               if "=" in line and "slice" in line.split("=")[0] and weight_shape.match(line.split("=", 1)[1])]
     assert not copies, copies[:2]
@@ -358,7 +378,7 @@ def test_decode_step_updates_the_cache_in_place(batch):
     stored: no op of the step copies the whole cache (re-stacking layers), a layer's part of
     it (on CPU from 2 rows on, each layer's keys and values are buffers of their own), or a
     cache-plus-one."""
-    hlo, split, (layers, rows, kv_heads, head_dim, slots) = _compiled_decode(
+    hlo, layout, (layers, rows, kv_heads, head_dim, slots) = _compiled_decode(
         mj.preset("tiny", moe_impl="grouped"), prompts=batch)
     body = _loop_body(hlo)
     cache_part = re.compile(rf"%(\S+) = f32\[(?:{layers},|1,)?{rows},{kv_heads},{head_dim},{slots}\]\S* ([\w-]+)\(")
@@ -369,7 +389,7 @@ def test_decode_step_updates_the_cache_in_place(batch):
     assert not copied, copied[:2]
     assert not re.search(rf"f32\[[0-9,]*\b{slots + 1}\b", hlo)  # keys of the cache and the new token
     per_layer = f"f32[{rows},{kv_heads},{head_dim},{slots}]" in body.splitlines()[0]  # the loop's carry
-    assert per_layer == (split and batch > 1)
+    assert per_layer == (layout is not None and batch > 1)
 
 
 # a row; few rows (transposed matmuls), alone or a head block twice the tail (decode's from 4 rows
