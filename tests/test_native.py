@@ -39,6 +39,18 @@ def test_grouped_rows_multiplies_each_group_by_its_weight(sizes, columns):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+    """Groups of 1, 3 and 8 rows (4- and 8-row register tiles) give a row the same bits."""
+    keys = jax.random.split(jax.random.key(2), 2)
+    x = jax.random.normal(keys[0], (8, 200))
+    w = native.to_panels(jax.random.normal(keys[1], (1, 200, 64)))
+    product = jax.jit(lambda rows: native.grouped_rows(x[:rows], jnp.asarray([rows]), w, 64), static_argnums=0)
+    alone, three, eight = (np.asarray(product(rows)) for rows in (1, 3, 8))
+    np.testing.assert_array_equal(three[:1], alone)
+    np.testing.assert_array_equal(eight[:3], three)
+
+
 def test_panels_are_contiguous_column_blocks_padded_with_zeros():
     w = jnp.arange(2 * 3 * 40, dtype=jnp.float32).reshape(2, 3, 40)
     panels = native.to_panels(w)

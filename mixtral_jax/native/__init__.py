@@ -3,7 +3,7 @@ machine's C++ compiler and called as an XLA FFI custom call.
 
 `grouped_rows` multiplies each expert's rows by that expert's weight, reading the
 weight once as contiguous panels of 32 columns (`to_panels`) and applying it to
-eight rows at a time in registers, split over XLA's intra-op threads
+up to eight rows at a time in registers, split over XLA's intra-op threads
 (grouped_rows.cc). XLA:CPU's own matmuls stream such few-row products well below
 the memory's pace; this one keeps up with it. It is built with `-march=native`
 into a cache directory (one library per source, compiler, JAX version and CPU)

@@ -8,7 +8,7 @@
 // (`mixtral_jax.native.to_panels`); y: [M, 32P].
 //
 // Each (group, panel) pair streams its 32K weights once from memory and applies them
-// to the group's rows eight at a time, with all 16 accumulators in registers. The
+// to the group's rows up to eight at a time, the accumulators in registers. The
 // pairs are split into one contiguous range per thread of XLA's intra-op pool, so
 // each thread reads one long stream; a thread that finishes its own range takes
 // what is left of the others'. Written with GCC vector types, which -march=native
@@ -32,16 +32,20 @@ typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t kRows = 8;   // rows per register tile
 constexpr int64_t kWidth = 32; // columns per panel: two Vec16
 
-// out[r, 0:32] = sum_k xt[k, r] * panel[k, 0:32] for r < rows.
+// out[r, 0:32] = sum_k xt[k, r] * panel[k, 0:32] for r < rows <= R.
 // xt: [K, 8] (a row chunk, transposed, zero past `rows`); panel: [K, 32]; out row stride ldo.
+// Each row's sums run in k order whatever R, so a row's result does not depend on its
+// neighbours. R = 8 is bound by the FMA units (16 a step of k); R = 4 takes one step of
+// k per FMA latency, as fewer rows would, in half the time of R = 8.
+template <int64_t R>
 void PanelTile(const float* xt, const float* panel, int64_t K, float* out, int64_t ldo, int64_t rows) {
-  Vec16 acc[kRows][2] = {};
+  Vec16 acc[R][2] = {};
   for (int64_t k = 0; k < K; ++k) {
     const Vec16 lo = *reinterpret_cast<const Vec16*>(panel + k * kWidth);
     const Vec16 hi = *reinterpret_cast<const Vec16*>(panel + k * kWidth + 16);
     const float* xk = xt + k * kRows;
 #pragma GCC unroll 8
-    for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       acc[r][0] += xk[r] * lo;
       acc[r][1] += xk[r] * hi;
     }
@@ -90,9 +94,11 @@ void RunPairs(Work& work, int64_t own) {
         transposed = g;
       }
       const float* weights = work.w + (g * work.panels + panel) * K * kWidth;
-      for (int64_t c = 0; c < chunks; ++c)
-        PanelTile(xt.data() + c * K * kRows, weights, K, work.y + (work.start[g] + c * kRows) * N + panel * kWidth,
-                  N, std::min(kRows, n - c * kRows));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t rows = std::min(kRows, n - c * kRows);
+        float* out = work.y + (work.start[g] + c * kRows) * N + panel * kWidth;
+        (rows <= 4 ? PanelTile<4> : PanelTile<kRows>)(xt.data() + c * K * kRows, weights, K, out, N, rows);
+      }
       work.done.fetch_add(1, std::memory_order_release);
     }
   }
