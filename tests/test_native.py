@@ -22,6 +22,7 @@ needs_kernel = pytest.mark.skipif(not native.available(), reason="the native ker
     ([0, 0, 0, 1], 40),    # one row; columns padded to two panels
     ([9, 9, 9, 9], 32),    # every row in a group
     ([5, 2, 0, 0], 96),    # rows past the groups' sum come out zero
+    ([12, 1, 7, 20], 520), # 68 (group, panel) pairs: split over the intra-op threads
 ])
 def test_grouped_rows_multiplies_each_group_by_its_weight(sizes, columns):
     rows, depth = 40, 19

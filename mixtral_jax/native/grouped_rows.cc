@@ -31,6 +31,7 @@ namespace {
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t kRows = 8;   // rows per register tile
 constexpr int64_t kWidth = 32; // columns per panel: two Vec16
+constexpr int64_t kPairsPerThread = 4;
 
 // out[r, 0:32] = sum_k xt[k, r] * panel[k, 0:32] for r < rows <= R.
 // xt: [K, 8] (a row chunk, transposed, zero past `rows`); panel: [K, 32]; out row stride ldo.
@@ -127,7 +128,9 @@ ffi::Error GroupedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     work->pairs += n ? work->panels : 0;
   }
   std::memset(work->y + at * N, 0, sizeof(float) * (rows - at) * N);  // rows in no group
-  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(work->pairs, 1));
+  // Threads with at least kPairsPerThread pairs each: on a many-core host a decode step's
+  // few pairs would otherwise cost more in scheduling than they share.
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(work->pairs / kPairsPerThread, 1));
   work->num_ranges = threads;
   work->ranges.reset(new Work::Range[threads]);
   for (int64_t t = 0; t < threads; ++t) {
