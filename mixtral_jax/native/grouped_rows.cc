@@ -130,7 +130,8 @@ ffi::Error GroupedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   std::memset(work->y + at * N, 0, sizeof(float) * (rows - at) * N);  // rows in no group
   // Threads with at least kPairsPerThread pairs each: on a many-core host a decode step's
   // few pairs would otherwise cost more in scheduling than they share.
-  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(work->pairs / kPairsPerThread, 1));
+  const int64_t most = std::max<int64_t>(work->pairs / kPairsPerThread, 1);
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, most);
   work->num_ranges = threads;
   work->ranges.reset(new Work::Range[threads]);
   for (int64_t t = 0; t < threads; ++t) {
