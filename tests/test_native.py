@@ -119,6 +119,19 @@ def test_switched_off_or_unbuildable_kernel_leaves_inference_on_xla(setting, rea
     assert programs.generation_layout(mj.preset("tiny", moe_impl="grouped")) == expected
 
 
+def test_a_stuck_build_is_given_up(monkeypatch, tmp_path, fresh_availability):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernel is built for the CPU backend only")
+    stuck = tmp_path / "stuck-c++"
+    stuck.write_text("#!/bin/sh\nexec sleep 30\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(stuck))
+    monkeypatch.setattr(native, "BUILD_SECONDS", 0.5)
+    with pytest.warns(UserWarning, match="did not build .*timed out"):
+        assert not native.available()
+
+
 @needs_kernel
 def test_generation_keeps_panels_for_float32_models_only():
     assert programs.generation_layout(mj.preset("tiny")) == programs.PANELS

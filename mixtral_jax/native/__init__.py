@@ -36,6 +36,7 @@ PANEL = 32  # columns per weight panel (grouped_rows.cc's kWidth)
 SOURCE = Path(__file__).with_name("grouped_rows.cc")
 TARGET = "mixtral_jax_grouped_rows"
 SWITCH = "MIXTRAL_JAX_NATIVE"  # "0" keeps inference on XLA's matmuls
+BUILD_SECONDS = 300  # a compile that takes longer is given up (it takes ~2 s)
 
 
 def cache_dir() -> Path:
@@ -65,7 +66,7 @@ def build(compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             built = Path(scratch) / path.name
             subprocess.run([*_compile_command(compiler), str(SOURCE), "-o", str(built)],
-                           check=True, capture_output=True, text=True)
+                           check=True, capture_output=True, text=True, timeout=BUILD_SECONDS)
             os.replace(built, path)  # whole or absent, also with builders in other processes
     return path
 
@@ -83,7 +84,7 @@ def available() -> bool:
         return False
     try:
         path = build(compiler)
-    except (OSError, subprocess.CalledProcessError) as error:
+    except (OSError, subprocess.SubprocessError) as error:  # no compiler, a failed or stuck build
         said = getattr(error, "stderr", None) or str(error)
         warnings.warn(f"the native expert kernel did not build ({said.strip().splitlines()[-1]}): "
                       "CPU inference takes XLA's matmuls")
