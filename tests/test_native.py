@@ -1,7 +1,6 @@
 """The native expert kernel: its products, the SwiGLU built on it, and how it is built and
 switched off."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +80,7 @@ def test_panels_ffn_equals_reference_experts(tokens):
 @needs_kernel
 def test_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    compiler = os.environ.get("CXX") or "g++"
+    compiler = native.find_compiler()
     built = native.build(compiler)
     assert built.parent == tmp_path / "mixtral-jax" / "native" and built.exists()
     stamp = built.stat().st_mtime_ns

@@ -71,13 +71,18 @@ def build(compiler: str) -> Path:
     return path
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler that builds the kernel: $CXX, else g++ or c++ on the PATH (None: none)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 @functools.cache
 def available() -> bool:
     """Whether `grouped_rows` runs in this process: the CPU backend, not switched off
     (MIXTRAL_JAX_NATIVE=0), and the library built and registered (once per process)."""
     if os.environ.get(SWITCH) == "0" or jax.default_backend() != "cpu":
         return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = find_compiler()
     if compiler is None:
         warnings.warn("no C++ compiler (g++, or $CXX) to build the native expert kernel: "
                       "CPU inference takes XLA's matmuls")
