@@ -1,7 +1,6 @@
 """The native expert kernel: its products, the SwiGLU built on it, and how it is built and
 switched off."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
